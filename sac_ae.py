@@ -1,0 +1,885 @@
+"""SAC+AE: soft actor-critic from pixels, made stable by a regularized autoencoder.
+
+Yarats et al., "Improving Sample Efficiency in Model-Free Reinforcement Learning from Images"
+(arXiv 1910.01741). A conv encoder is shared by the critic and a deterministic decoder; the critic's
+and the decoder's gradients shape it, the actor's never do (Sec. 5). The file reads in the order
+a run happens: arguments, environment, replay buffer, networks, agent, evaluation, training loop.
+
+    python sac_ae.py --domain cheetah --task run --seed 3
+"""
+
+# ============================================================================ imports, MUJOCO_GL
+import argparse
+import collections
+import copy
+import csv
+import json
+import math
+import os
+import random
+import sys
+import time
+
+# Headless rendering by default; dm_control reads this once, when it is first imported.
+os.environ.setdefault("MUJOCO_GL", "egl")
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+# PlaNet's action repeats, which the paper uses (SPEC 1); any other domain gets DEFAULT_REPEAT.
+ACTION_REPEAT = {"cartpole": 8, "reacher": 4, "cheetah": 4, "finger": 2, "ball_in_cup": 4, "walker": 2}
+DEFAULT_REPEAT = 2
+CAMERA_ID = {"quadruped": 2}  # the default camera 0 does not follow the quadruped
+EVAL_SEED_OFFSET = 10_000  # the evaluation environment gets seed + this
+
+
+def load_suite():
+    """Import dm_control.suite (lazily, so `import sac_ae` costs nothing), explaining GL failures."""
+    try:
+        from dm_control import suite
+    except Exception as e:  # the GL backend named by MUJOCO_GL failed to load
+        raise RenderError(e) from None
+    return suite
+
+
+class RenderError(RuntimeError):
+    def __init__(self, cause):
+        super().__init__(
+            f"rendering with MUJOCO_GL={os.environ.get('MUJOCO_GL')} failed ({cause}); try "
+            "MUJOCO_GL=egl (GPU or Mesa EGL), MUJOCO_GL=osmesa (apt-get install libosmesa6) or "
+            "MUJOCO_GL=glfw (needs a display), or train from states with --obs state")
+
+
+class UsageError(ValueError):
+    """A user mistake: reported as one line and exit status 2, before any work."""
+
+
+# ============================================================================ arguments
+class Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line instead of argparse's usage dump
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def positive_int(text):
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value <= 0 or str(value) != text.strip().lstrip("+"):
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got '{text}'")
+    return value
+
+
+def positive_float(text):
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not value > 0 or not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a positive number, got '{text}'")
+    return value
+
+
+def unit_float(text):
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"must be a number in [0, 1], got '{text}'")
+    return value
+
+
+def nonnegative_float(text):
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not 0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a number >= 0, got '{text}'")
+    return value
+
+
+def build_parser():
+    p = Parser(prog="sac_ae.py", description=__doc__.split("\n\n")[0] + " Every hyperparameter "
+               "defaults to the paper's (SPEC 3-5); budgets count environment steps "
+               "(agent steps x action repeat), as the paper's plots do.",
+               formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    g = p.add_argument_group("task and run")
+    g.add_argument("--domain", default="cheetah", help="dm_control suite domain")
+    g.add_argument("--task", default="run", help="task of that domain")
+    g.add_argument("--seed", type=int, default=1, help="seeds python, numpy, torch and both environments")
+    g.add_argument("--total-steps", type=positive_int, default=500_000, help="environment steps of training")
+    g.add_argument("--obs", default="pixels", choices=["pixels", "state"],
+                   help="pixels: SAC+AE from images; state: SAC on proprioceptive states, no "
+                   "encoder or decoder (the paper's upper baseline, SAC:state)")
+    g.add_argument("--decoder", default=None, choices=["pixel", "none"],
+                   help="pixel: reconstruct the observation (SAC+AE); none: no reconstruction "
+                   "(SAC:pixel, the lower baseline) [default: pixel with --obs pixels]")
+    g.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
+                   help="auto picks cuda when available")
+    g.add_argument("--out-dir", default=None,
+                   help="run folder, must be new or empty [default: runs/{domain}-{task}-s{seed}-{timestamp}]")
+    g = p.add_argument_group("environment")
+    g.add_argument("--action-repeat", type=positive_int, default=None,
+                   help="times each action is applied [default: per domain, PlaNet's: "
+                   + ", ".join(f"{k} {v}" for k, v in ACTION_REPEAT.items()) + f"; else {DEFAULT_REPEAT}]")
+    g.add_argument("--frame-stack", type=positive_int, default=None,
+                   help="consecutive observations stacked [default: 3 for pixels, 1 for states]")
+    g.add_argument("--image-size", type=positive_int, default=84, help="rendered frames are square, this many pixels")
+    g = p.add_argument_group("replay and schedule")
+    g.add_argument("--buffer-size", type=positive_int, default=1_000_000,
+                   help="replay capacity in transitions (capped at the run's agent steps)")
+    g.add_argument("--init-steps", type=positive_int, default=1000,
+                   help="agent steps of uniform random actions before the first update")
+    g.add_argument("--init-updates", type=positive_int, default=None,
+                   help="updates run at once when --init-steps is reached, then one per agent step "
+                   "[default: --init-steps, as the authors' code]")
+    g.add_argument("--batch-size", type=positive_int, default=128, help="transitions per update")
+    g.add_argument("--eval-freq", type=positive_int, default=10_000, help="environment steps between evaluations")
+    g.add_argument("--eval-episodes", type=positive_int, default=10, help="episodes per evaluation")
+    g.add_argument("--save-video", action="store_true", help="mp4 of the first episode of each evaluation in RUN_DIR/video")
+    g = p.add_argument_group("SAC")
+    g.add_argument("--gamma", type=unit_float, default=0.99, help="discount")
+    g.add_argument("--critic-lr", type=positive_float, default=1e-3, help="Adam lr of the critic (and its encoder)")
+    g.add_argument("--critic-beta", type=unit_float, default=0.9, help="Adam beta1 of the critic")
+    g.add_argument("--critic-tau", type=unit_float, default=0.01, help="soft target update rate of the Q heads")
+    g.add_argument("--encoder-tau", type=unit_float, default=0.05, help="soft target update rate of the target encoder")
+    g.add_argument("--target-update-freq", type=positive_int, default=2, help="soft target update every N updates")
+    g.add_argument("--actor-lr", type=positive_float, default=1e-3, help="Adam lr of the actor")
+    g.add_argument("--actor-beta", type=unit_float, default=0.9, help="Adam beta1 of the actor")
+    g.add_argument("--actor-update-freq", type=positive_int, default=2, help="actor and temperature step every N updates")
+    g.add_argument("--actor-log-std-min", type=float, default=-10.0, help="lower bound of the policy's log std")
+    g.add_argument("--actor-log-std-max", type=float, default=2.0, help="upper bound of the policy's log std")
+    g.add_argument("--init-temperature", type=positive_float, default=0.1, help="initial alpha")
+    g.add_argument("--alpha-lr", type=positive_float, default=1e-4, help="Adam lr of log alpha")
+    g.add_argument("--alpha-beta", type=unit_float, default=0.5, help="Adam beta1 of log alpha")
+    g.add_argument("--hidden-dim", type=positive_int, default=1024, help="width of the actor and Q MLPs")
+    g = p.add_argument_group("encoder and autoencoder")
+    g.add_argument("--feature-dim", type=positive_int, default=50, help="latent size z")
+    g.add_argument("--num-filters", type=positive_int, default=32, help="channels of every conv layer")
+    g.add_argument("--num-conv-layers", type=positive_int, default=4, help="conv layers of the encoder (and decoder)")
+    g.add_argument("--encoder-lr", type=positive_float, default=1e-3, help="Adam lr of the encoder's reconstruction step")
+    g.add_argument("--decoder-lr", type=positive_float, default=1e-3, help="Adam lr of the decoder")
+    g.add_argument("--decoder-weight-decay", type=nonnegative_float, default=1e-7, help="L2 penalty on decoder weights (RAE)")
+    g.add_argument("--decoder-latent-lambda", type=nonnegative_float, default=1e-6, help="weight of the latent penalty 0.5||z||^2 (RAE)")
+    g.add_argument("--ae-update-freq", type=positive_int, default=1, help="autoencoder step every N updates")
+    g.add_argument("--ae-bits", type=positive_int, default=5, help="bit depth of the reconstruction target")
+    return p
+
+
+def parse_args(argv=None):
+    """Parse and validate everything that can be checked without building anything."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        resolve_args(args)
+    except UsageError as e:
+        parser.error(str(e))
+    return args
+
+
+def resolve_args(args):
+    """Fill the per-task defaults and refuse inconsistent input (raises UsageError)."""
+    suite = load_suite()
+    domains = sorted({d for d, _ in suite.ALL_TASKS})
+    if args.domain not in domains:
+        raise UsageError(f"unknown domain '{args.domain}'; valid domains: {', '.join(domains)}")
+    tasks = sorted(t for d, t in suite.ALL_TASKS if d == args.domain)
+    if args.task not in tasks:
+        raise UsageError(f"unknown task '{args.task}' for domain {args.domain}; valid tasks: {', '.join(tasks)}")
+    if args.obs == "state" and args.decoder == "pixel":
+        raise UsageError("--decoder pixel needs --obs pixels (with --obs state there is no image to reconstruct)")
+    args.decoder = args.decoder or ("pixel" if args.obs == "pixels" else "none")
+    args.action_repeat = args.action_repeat or ACTION_REPEAT.get(args.domain, DEFAULT_REPEAT)
+    args.frame_stack = args.frame_stack or (3 if args.obs == "pixels" else 1)
+    args.init_updates = args.init_updates or args.init_steps
+    if args.actor_log_std_min >= args.actor_log_std_max:
+        raise UsageError("--actor-log-std-min must be below --actor-log-std-max")
+    if args.obs == "pixels" and conv_output_size(args.image_size, args.num_conv_layers) < 1:
+        smallest = 2 * args.num_conv_layers + 5
+        raise UsageError(f"--image-size {args.image_size} is too small for {args.num_conv_layers} conv layers "
+                         f"(3x3, the first with stride 2): use at least {smallest}")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda but CUDA is not available; valid here: auto, cpu")
+    if args.out_dir is None:
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        args.out_dir = os.path.join("runs", f"{args.domain}-{args.task}-s{args.seed}-{stamp}")
+    if os.path.exists(args.out_dir) and (not os.path.isdir(args.out_dir) or os.listdir(args.out_dir)):
+        raise UsageError(f"--out-dir {args.out_dir} already exists and is not empty; give a new folder")
+    return args
+
+
+# ============================================================================ environment
+class DMCEnv:
+    """A dm_control task seen by the agent: action repeat -> observation -> frame stack (SPEC 1).
+
+    Observations are uint8 (3 * frame_stack, size, size) renders, or float32 proprioceptive
+    states. Actions live in [-1, 1]^A and are rescaled to the task's bounds. `step` returns
+    (obs, reward, discount, done, env_steps): the time step's discount is 0 only at a true
+    terminal, so the time limit that ends every DMC episode is bootstrapped through.
+    """
+
+    def __init__(self, domain, task, seed, obs="pixels", image_size=84, frame_stack=3, action_repeat=2):
+        self.env = load_suite().load(domain, task, task_kwargs={"random": seed})
+        self.obs_type, self.image_size, self.action_repeat = obs, image_size, action_repeat
+        self.camera_id = CAMERA_ID.get(domain, 0)
+        spec = self.env.action_spec()
+        self.action_dim = spec.shape[0]
+        self._low, self._high = spec.minimum.astype(np.float64), spec.maximum.astype(np.float64)
+        self.frames = collections.deque(maxlen=frame_stack)
+        self.frame_shape = (3, image_size, image_size) if obs == "pixels" else (self.state_dim,)
+        self.obs_shape = (self.frame_shape[0] * frame_stack, *self.frame_shape[1:])
+        # Agent steps per episode: the time limit, in physics steps, over the action repeat.
+        self.episode_length = math.ceil(round(self.env._step_limit) / action_repeat)
+
+    @property
+    def state_dim(self):
+        return sum(int(np.prod(s.shape)) for s in self.env.observation_spec().values())
+
+    def _frame(self, time_step):
+        if self.obs_type == "state":
+            return np.concatenate([np.asarray(v, np.float32).ravel() for v in time_step.observation.values()])
+        try:
+            image = self.env.physics.render(self.image_size, self.image_size, camera_id=self.camera_id)
+        except Exception as e:
+            raise RenderError(e) from None
+        return np.ascontiguousarray(image.transpose(2, 0, 1))  # (H, W, 3) -> (3, H, W)
+
+    def _observation(self):
+        return np.concatenate(self.frames, axis=0)  # k x (3, H, W) -> (3k, H, W), oldest first
+
+    def reset(self):
+        frame = self._frame(self.env.reset())
+        for _ in range(self.frames.maxlen):  # the first frame fills the whole stack
+            self.frames.append(frame)
+        return self._observation()
+
+    def step(self, action):
+        action = self._low + (np.asarray(action, np.float64) + 1.0) * 0.5 * (self._high - self._low)
+        reward, env_steps = 0.0, 0
+        for _ in range(self.action_repeat):
+            time_step = self.env.step(action)
+            reward += time_step.reward or 0.0
+            env_steps += 1
+            if time_step.last():
+                break
+        self.frames.append(self._frame(time_step))
+        return self._observation(), reward, float(time_step.discount), time_step.last(), env_steps
+
+    def render(self, size):
+        return self.env.physics.render(size, size, camera_id=self.camera_id)
+
+
+# ============================================================================ replay buffer
+class ReplayBuffer:
+    """Each frame stored once; stacked observations are rebuilt when sampled (SPEC 2).
+
+    Slot t of a ring holds one frame: the first frame of an episode (age 0), or the newest frame
+    of the observation a transition reached, with that transition's action, reward and not-done
+    (age = agent steps since the episode began). The frame j steps before slot t is at slot
+    t - min(j, age[t]), which repeats the first frame at the start of an episode exactly as the
+    environment's stack does. A transition stays sampleable while all k+1 frames it needs are in
+    the ring; the ring has room for `capacity` transitions plus their episodes' first frames.
+    """
+
+    def __init__(self, frame_shape, frame_dtype, frame_stack, action_dim, capacity, episode_length,
+                 seed=0, device="cpu"):
+        self.k, self.frame_shape, self.capacity, self.device = frame_stack, tuple(frame_shape), capacity, device
+        self.size = capacity + math.ceil(capacity / episode_length) + 1 + frame_stack  # slots in the ring
+        need = self.size * (int(np.prod(frame_shape)) * np.dtype(frame_dtype).itemsize + 4 * (action_dim + 3))
+        available = available_memory()
+        if available is not None and need > available:
+            raise UsageError(f"the replay buffer needs {need / 2**30:.1f} GiB for {capacity:,} transitions "
+                             f"but only {available / 2**30:.1f} GiB is free; lower --buffer-size")
+        try:
+            self.frames = np.empty((self.size, *frame_shape), dtype=frame_dtype)
+            self.action = np.empty((self.size, action_dim), dtype=np.float32)
+            self.reward = np.empty(self.size, dtype=np.float32)
+            self.not_done = np.empty(self.size, dtype=np.float32)
+            self.age = np.empty(self.size, dtype=np.int32)
+        except MemoryError:
+            raise UsageError(f"cannot allocate {need / 2**30:.1f} GiB for the replay buffer; lower --buffer-size") from None
+        self.t = 0  # slots ever written; slot t lives at index t % size
+        self.rng = np.random.default_rng(seed)
+        self.pin = device.type == "cuda"
+
+    @property
+    def nbytes(self):
+        return sum(a.nbytes for a in (self.frames, self.action, self.reward, self.not_done, self.age))
+
+    @property
+    def bytes_per_transition(self):
+        return self.nbytes / self.capacity
+
+    def _write(self, frame, age, action=None, reward=0.0, not_done=0.0):
+        i = self.t % self.size
+        self.frames[i] = frame
+        self.age[i] = age
+        if action is not None:
+            self.action[i], self.reward[i], self.not_done[i] = action, reward, not_done
+        self.t += 1
+
+    def add_first(self, obs):
+        """The first observation of an episode: keep its newest frame."""
+        self._write(obs[-self.frame_shape[0]:], 0)
+
+    def add(self, action, reward, not_done, next_obs):
+        """A transition: keep the newest frame of next_obs; obs is already in the ring."""
+        self._write(next_obs[-self.frame_shape[0]:], self.age[(self.t - 1) % self.size] + 1, action, reward, not_done)
+
+    def __len__(self):
+        return int(self._valid(np.arange(max(0, self.t - self.size), self.t)).sum())
+
+    def _valid(self, t):
+        """Slots that are transitions whose every frame is still in the ring."""
+        age = self.age[t % self.size]
+        return (age > 0) & (t - np.minimum(age, self.k) >= self.t - self.size)
+
+    def sample_slots(self, n):
+        """n transition slots, uniformly with replacement over the valid ones (by rejection)."""
+        if self.t == 0 or not self._valid(np.arange(max(0, self.t - self.size), self.t)).any():
+            raise RuntimeError("the replay buffer holds no transition yet")
+        picked = []
+        while sum(len(x) for x in picked) < n:
+            t = self.rng.integers(max(0, self.t - self.size), self.t, size=2 * n)
+            picked.append(t[self._valid(t)])
+        return np.concatenate(picked)[:n]
+
+    def get(self, t):
+        """Transitions at slots t: (obs, action, reward, next_obs, not_done) as tensors on device."""
+        i = t % self.size
+        back = np.minimum(np.arange(self.k + 1)[None], self.age[i][:, None])  # (B, k+1) steps back
+        frames = torch.from_numpy(self.frames[(t[:, None] - back) % self.size])  # (B, k+1, C, H, W), newest first
+        scalars = torch.from_numpy(np.concatenate(
+            [self.action[i], self.reward[i, None], self.not_done[i, None]], axis=1))
+        if self.pin:
+            frames, scalars = frames.pin_memory(), scalars.pin_memory()
+        frames = frames.to(self.device, non_blocking=True).flip(1)  # oldest first
+        scalars = scalars.to(self.device, non_blocking=True)
+        b = len(t)
+        obs = frames[:, :self.k].reshape(b, -1, *self.frame_shape[1:])  # (B, k*C, H, W)
+        next_obs = frames[:, 1:].reshape(b, -1, *self.frame_shape[1:])
+        return obs, scalars[:, :-2], scalars[:, -2:-1], next_obs, scalars[:, -1:]
+
+    def sample(self, n):
+        return self.get(self.sample_slots(n))
+
+
+def available_memory():
+    """Bytes the kernel says a new allocation can have (Linux), else None."""
+    try:
+        with open("/proc/meminfo") as f:
+            info = dict(line.split(":", 1) for line in f)
+        return int(info["MemAvailable"].split()[0]) * 1024
+    except (OSError, KeyError, ValueError):
+        return None
+
+
+# ============================================================================ networks
+def conv_output_size(image_size, num_layers):
+    """Side of the last conv map: 3x3 kernels, no padding, stride 2 then 1 (84 -> 41 -> 39 -> 37 -> 35)."""
+    return (image_size - 3) // 2 + 1 - 2 * (num_layers - 1)
+
+
+def weight_init(m):
+    """Orthogonal Linear weights; conv kernels zero but an orthogonal centre tap (authors' code)."""
+    if isinstance(m, nn.Linear):
+        nn.init.orthogonal_(m.weight)
+        nn.init.zeros_(m.bias)
+    elif isinstance(m, (nn.Conv2d, nn.ConvTranspose2d)):
+        nn.init.zeros_(m.weight)
+        nn.init.zeros_(m.bias)
+        mid = m.weight.size(2) // 2
+        nn.init.orthogonal_(m.weight.data[:, :, mid, mid], nn.init.calculate_gain("relu"))
+
+
+def mlp(in_dim, hidden_dim, out_dim):
+    return nn.Sequential(nn.Linear(in_dim, hidden_dim), nn.ReLU(), nn.Linear(hidden_dim, hidden_dim),
+                         nn.ReLU(), nn.Linear(hidden_dim, out_dim))
+
+
+class ConvTrunk(nn.Module):
+    """The four conv layers that the critic and the actor share (Fig. 4)."""
+
+    def __init__(self, in_channels, image_size, num_filters=32, num_layers=4):
+        super().__init__()
+        layers = [nn.Conv2d(in_channels, num_filters, 3, stride=2), nn.ReLU()]
+        for _ in range(num_layers - 1):
+            layers += [nn.Conv2d(num_filters, num_filters, 3, stride=1), nn.ReLU()]
+        self.convs = nn.Sequential(*layers)
+        self.out_dim = num_filters * conv_output_size(image_size, num_layers) ** 2
+
+    def forward(self, obs):  # (B, 9, 84, 84) uint8 -> (B, 39200)
+        return self.convs(obs.float() / 255.0).flatten(1)
+
+
+class Encoder(nn.Module):
+    """A conv trunk, possibly shared, then this encoder's own Linear -> LayerNorm -> tanh head.
+
+    With --obs state both parts are identities: SAC reads the state itself.
+    """
+
+    def __init__(self, trunk, feature_dim=None):
+        super().__init__()
+        self.trunk = trunk
+        if isinstance(trunk, nn.Identity):
+            self.head, self.feature_dim = nn.Identity(), feature_dim
+        else:
+            self.head = nn.Sequential(nn.Linear(trunk.out_dim, feature_dim), nn.LayerNorm(feature_dim), nn.Tanh())
+            self.feature_dim = feature_dim
+
+    def forward(self, obs, detach_trunk=False):  # (B, 9, 84, 84) -> (B, 50)
+        h = self.trunk(obs)
+        return self.head(h.detach() if detach_trunk else h)
+
+
+class Decoder(nn.Module):
+    """z -> reconstructed observation: the encoder mirrored with transposed convs (Fig. 4)."""
+
+    def __init__(self, out_channels, image_size, feature_dim=50, num_filters=32, num_layers=4):
+        super().__init__()
+        self.side = conv_output_size(image_size, num_layers)
+        self.num_filters = num_filters
+        self.fc = nn.Linear(feature_dim, num_filters * self.side ** 2)
+        layers = []
+        for _ in range(num_layers - 1):
+            layers += [nn.ConvTranspose2d(num_filters, num_filters, 3, stride=1), nn.ReLU()]
+        # The stride-2 layer gives back 2s+1 pixels; output_padding adds the one an even size lost.
+        layers.append(nn.ConvTranspose2d(num_filters, out_channels, 3, stride=2, output_padding=(image_size - 3) % 2))
+        self.deconvs = nn.Sequential(*layers)
+
+    def forward(self, z):  # (B, 50) -> (B, 9, 84, 84), no output activation
+        h = F.relu(self.fc(z)).view(-1, self.num_filters, self.side, self.side)
+        return self.deconvs(h)
+
+
+class Critic(nn.Module):
+    """Encoder, then two Q heads on concat(z, a) (clipped double Q)."""
+
+    def __init__(self, encoder, action_dim, hidden_dim=1024):
+        super().__init__()
+        self.encoder = encoder
+        self.Q1 = mlp(encoder.feature_dim + action_dim, hidden_dim, 1)
+        self.Q2 = mlp(encoder.feature_dim + action_dim, hidden_dim, 1)
+
+    def forward(self, obs, action, detach_trunk=False):
+        return self.q(self.encoder(obs, detach_trunk), action)
+
+    def q(self, z, action):  # (B, 50), (B, A) -> (B, 1), (B, 1)
+        za = torch.cat([z, action], dim=-1)
+        return self.Q1(za), self.Q2(za)
+
+
+class Actor(nn.Module):
+    """tanh-squashed Gaussian policy on its own encoder head over the shared, detached trunk."""
+
+    def __init__(self, encoder, action_dim, hidden_dim=1024, log_std_min=-10.0, log_std_max=2.0):
+        super().__init__()
+        self.encoder = encoder
+        self.policy = mlp(encoder.feature_dim, hidden_dim, 2 * action_dim)
+        self.log_std_min, self.log_std_max = log_std_min, log_std_max
+
+    def forward(self, obs):
+        # Sec. 5: the actor reads the shared conv features detached, so its loss never moves the
+        # convs; only the critic and the decoder shape them.
+        return self.dist(self.encoder(obs, detach_trunk=True))
+
+    def dist(self, z):  # (B, 50) -> mean, log_std, each (B, A)
+        mu, log_std = self.policy(z).chunk(2, dim=-1)
+        # tanh then affine onto [log_std_min, log_std_max] (authors' code), a soft clamp.
+        log_std = self.log_std_min + 0.5 * (self.log_std_max - self.log_std_min) * (torch.tanh(log_std) + 1)
+        return mu, log_std
+
+
+def sample_action(mu, log_std):
+    """Reparameterised tanh-Gaussian sample and its log-probability (SAC, Haarnoja et al. App. C)."""
+    noise = torch.randn_like(mu)
+    u = mu + noise * log_std.exp()
+    log_prob = (-0.5 * noise.pow(2) - log_std).sum(-1, keepdim=True) - 0.5 * math.log(2 * math.pi) * mu.size(-1)
+    action = torch.tanh(u)
+    # Change of variables through tanh; relu and 1e-6 guard the log as in the authors' code.
+    log_prob = log_prob - torch.log(F.relu(1 - action.pow(2)) + 1e-6).sum(-1, keepdim=True)
+    return action, log_prob
+
+
+def reconstruction_target(obs, bits=5):
+    """uint8 obs -> `bits`-bit values in [-0.5, 0.5) plus uniform dequantisation noise (Sec. 6, Kingma & Dhariwal)."""
+    bins = 2 ** bits
+    x = torch.floor(obs.float() / 2 ** (8 - bits)) / bins
+    return x + torch.rand_like(x) / bins - 0.5
+
+
+# ============================================================================ agent
+class SACAE:
+    """SAC whose critic encoder is also trained to reconstruct its input (SAC+AE, Sec. 5).
+
+    `update` runs the four steps of SPEC 4 in order and returns a dict of metric tensors
+    (no host sync); one method per loss.
+    """
+
+    def __init__(self, obs_shape, action_dim, device, args):
+        self.device, self.args = device, args
+        self.step_counter = None
+        if args.obs == "pixels":
+            trunk = ConvTrunk(obs_shape[0], args.image_size, args.num_filters, args.num_conv_layers)
+            trunk.apply(weight_init)
+        else:
+            trunk = nn.Identity()
+        # One trunk object, two encoder heads: the critic's and the actor's see the same convs.
+        self.critic = Critic(Encoder(trunk, args.feature_dim if args.obs == "pixels" else obs_shape[0]),
+                             action_dim, args.hidden_dim)
+        self.actor = Actor(Encoder(trunk, self.critic.encoder.feature_dim), action_dim, args.hidden_dim,
+                           args.actor_log_std_min, args.actor_log_std_max)
+        for module in (self.critic.encoder.head, self.critic.Q1, self.critic.Q2, self.actor.encoder.head, self.actor.policy):
+            module.apply(weight_init)
+        self.critic_target = copy.deepcopy(self.critic)  # its own trunk: the target encoder
+        self.decoder = None
+        if args.decoder == "pixel":
+            self.decoder = Decoder(obs_shape[0], args.image_size, args.feature_dim, args.num_filters, args.num_conv_layers)
+            self.decoder.apply(weight_init)
+        self.log_alpha = torch.tensor(math.log(args.init_temperature))
+        self.target_entropy = -float(action_dim)
+        self.to(device)
+
+        # The actor's optimizer owns its head and MLP, never the shared trunk.
+        actor_params = [p for n, p in self.actor.named_parameters() if not n.startswith("encoder.trunk.")]
+        adam = dict(foreach=True)
+        self.actor_opt = torch.optim.Adam(actor_params, lr=args.actor_lr, betas=(args.actor_beta, 0.999), **adam)
+        self.critic_opt = torch.optim.Adam(self.critic.parameters(), lr=args.critic_lr, betas=(args.critic_beta, 0.999), **adam)
+        self.log_alpha_opt = torch.optim.Adam([self.log_alpha], lr=args.alpha_lr, betas=(args.alpha_beta, 0.999), **adam)
+        if self.decoder is not None:
+            # The encoder gets a second Adam for the reconstruction step (authors' code).
+            self.encoder_opt = torch.optim.Adam(self.critic.encoder.parameters(), lr=args.encoder_lr, **adam)
+            self.decoder_opt = torch.optim.Adam(self.decoder.parameters(), lr=args.decoder_lr,
+                                                weight_decay=args.decoder_weight_decay, **adam)
+        self.actor_params = actor_params
+
+    def to(self, device):
+        for m in self.modules().values():
+            m.to(device)
+        self.log_alpha = self.log_alpha.to(device).requires_grad_()
+        return self
+
+    def modules(self):
+        mods = {"critic": self.critic, "critic_target": self.critic_target, "actor": self.actor}
+        if self.decoder is not None:
+            mods["decoder"] = self.decoder
+        return mods
+
+    @property
+    def alpha(self):
+        return self.log_alpha.exp()
+
+    @torch.no_grad()
+    def act(self, obs, deterministic=False):
+        obs = torch.as_tensor(obs, device=self.device).unsqueeze(0)
+        mu, log_std = self.actor(obs)
+        action = torch.tanh(mu) if deterministic else sample_action(mu, log_std)[0]
+        return action[0].cpu().numpy()
+
+    def update(self, batch, step):
+        """One update of SPEC 4. `step` is the agent step: even steps also move actor and targets."""
+        obs, action, reward, next_obs, not_done = batch
+        metrics = self.update_critic(obs, action, reward, next_obs, not_done)
+        do_actor = step % self.args.actor_update_freq == 0
+        do_ae = self.decoder is not None and step % self.args.ae_update_freq == 0
+        if do_actor or do_ae:
+            # The critic step just moved the trunk; the actor step cannot, so the post-step conv
+            # features and critic latent serve the actor, its Q evaluation and the autoencoder.
+            h = self.critic.encoder.trunk(obs)
+            z = self.critic.encoder.head(h)
+            if do_actor:
+                metrics.update(self.update_actor_and_alpha(h.detach(), z.detach()))
+        if step % self.args.target_update_freq == 0:
+            self.update_targets()
+        if do_ae:
+            metrics.update(self.update_autoencoder(obs, z))
+        return metrics
+
+    def update_critic(self, obs, action, reward, next_obs, not_done):
+        with torch.no_grad():
+            next_action, next_log_pi = sample_action(*self.actor(next_obs))
+            target_q1, target_q2 = self.critic_target(next_obs, next_action)
+            target_v = torch.min(target_q1, target_q2) - self.alpha * next_log_pi
+            target_q = reward + not_done * self.args.gamma * target_v  # soft Bellman backup
+        q1, q2 = self.critic(obs, action)  # the critic's gradient reaches the encoder (Sec. 5)
+        loss = F.mse_loss(q1, target_q) + F.mse_loss(q2, target_q)
+        self.critic_opt.zero_grad(set_to_none=True)
+        loss.backward()
+        self.critic_opt.step()
+        return {"critic_loss": loss.detach(), "q": q1.detach().mean()}
+
+    def update_actor_and_alpha(self, h, z):
+        """h: detached trunk features of obs; z: the critic's latent of obs, detached."""
+        mu, log_std = self.actor.dist(self.actor.encoder.head(h))
+        pi, log_pi = sample_action(mu, log_std)
+        q1, q2 = self.critic.q(z, pi)
+        actor_loss = (self.alpha.detach() * log_pi - torch.min(q1, q2)).mean()
+        self.actor_opt.zero_grad(set_to_none=True)
+        actor_loss.backward(inputs=self.actor_params)  # the critic is not updated by this loss
+        self.actor_opt.step()
+        # Temperature: raise alpha while the entropy is below target, lower it above.
+        alpha_loss = (self.alpha * (-log_pi - self.target_entropy).detach()).mean()
+        self.log_alpha_opt.zero_grad(set_to_none=True)
+        alpha_loss.backward()
+        self.log_alpha_opt.step()
+        return {"actor_loss": actor_loss.detach(), "alpha_loss": alpha_loss.detach(),
+                "alpha": self.alpha.detach(), "entropy": -log_pi.detach().mean()}
+
+    @torch.no_grad()
+    def update_targets(self):
+        # The target encoder follows faster (tau 0.05) than the Q heads (tau 0.01).
+        for online, target, tau in ((self.critic.Q1, self.critic_target.Q1, self.args.critic_tau),
+                                    (self.critic.Q2, self.critic_target.Q2, self.args.critic_tau),
+                                    (self.critic.encoder, self.critic_target.encoder, self.args.encoder_tau)):
+            torch._foreach_lerp_(list(target.parameters()), list(online.parameters()), tau)
+
+    def update_autoencoder(self, obs, z):
+        """RAE loss (Sec. 5): reconstruction + latent penalty; decoder weight decay lives in Adam."""
+        target = reconstruction_target(obs, self.args.ae_bits)
+        recon_loss = F.mse_loss(self.decoder(z), target)
+        latent_loss = (0.5 * z.pow(2).sum(dim=1)).mean()
+        loss = recon_loss + self.args.decoder_latent_lambda * latent_loss
+        self.encoder_opt.zero_grad(set_to_none=True)
+        self.decoder_opt.zero_grad(set_to_none=True)
+        loss.backward()
+        self.encoder_opt.step()
+        self.decoder_opt.step()
+        return {"ae_loss": loss.detach(), "recon_loss": recon_loss.detach()}
+
+    def train(self, training=True):
+        for m in self.modules().values():
+            m.train(training)
+
+
+# ============================================================================ evaluation
+def evaluate(env, agent, episodes, video_path=None):
+    """Deterministic policy (tanh of the mean) on the evaluation environment; returns episode returns."""
+    returns, frames = [], []
+    for episode in range(episodes):
+        obs, done, total = env.reset(), False, 0.0
+        record = video_path is not None and episode == 0
+        while not done:
+            if record:
+                frames.append(env.render(256))
+            obs, reward, _, done, _ = env.step(agent.act(obs, deterministic=True))
+            total += reward
+        returns.append(total)
+    if frames:
+        import imageio
+        imageio.mimsave(video_path, frames, fps=30)
+    return returns
+
+
+# ============================================================================ logging
+class CSVLog:
+    """Append rows to a CSV file, writing the header once and flushing every row."""
+
+    def __init__(self, path, fields):
+        self.fields = fields
+        self.file = open(path, "a", newline="")
+        self.writer = csv.DictWriter(self.file, fieldnames=fields, extrasaction="ignore")
+        if self.file.tell() == 0:
+            self.writer.writeheader()
+
+    def write(self, row):
+        self.writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
+        self.file.flush()
+
+    def close(self):
+        self.file.close()
+
+
+EVAL_FIELDS = ["env_step", "agent_step", "episode_return_mean", "episode_return_std", "episode_return_min",
+               "episode_return_max", "episodes", "wall_time"]
+METRICS = ["critic_loss", "q", "actor_loss", "alpha_loss", "alpha", "entropy", "ae_loss", "recon_loss"]
+TRAIN_FIELDS = ["env_step", "agent_step", "episode", "episode_return", "episode_length", "updates",
+                *METRICS, "fps", "wall_time"]
+
+
+def duration(seconds):
+    seconds = int(seconds)
+    if seconds >= 86400:
+        return f"{seconds // 86400}d{seconds % 86400 // 3600:02d}h"
+    if seconds >= 3600:
+        return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+    return f"{seconds // 60}m{seconds % 60:02d}s"
+
+
+# ============================================================================ training loop
+def pick_device(name):
+    return torch.device("cuda" if name == "auto" and torch.cuda.is_available() else
+                        ("cpu" if name == "auto" else name))
+
+
+def seed_everything(seed):
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def versions():
+    import importlib.metadata as md
+    out = {"python": sys.version.split()[0], "torch": torch.__version__, "numpy": np.__version__}
+    for pkg in ("dm_control", "mujoco"):
+        try:
+            out[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            out[pkg] = None
+    return out
+
+
+def time_one_update(agent, buffer_args, batch_size, device):
+    """Seconds per update, measured on a throwaway copy of the agent (the run's RNG is untouched)."""
+    obs_shape, action_dim = buffer_args
+    probe = copy.deepcopy(agent)
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        dtype = torch.uint8 if len(obs_shape) == 3 else torch.float32
+        obs = torch.zeros((batch_size, *obs_shape), dtype=dtype, device=device)
+        batch = (obs, torch.zeros(batch_size, action_dim, device=device), torch.zeros(batch_size, 1, device=device),
+                 obs, torch.ones(batch_size, 1, device=device))
+        times = []
+        for step in range(4):  # the first includes one-off setup; even and odd steps differ
+            start = time.perf_counter()
+            probe.update(batch, step)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - start)
+    return sum(times[2:]) / 2
+
+
+def train(args):
+    device = pick_device(args.device)
+    seed_everything(args.seed)
+    rng = np.random.default_rng(args.seed)  # random actions of the first --init-steps
+    env_kwargs = dict(obs=args.obs, image_size=args.image_size, frame_stack=args.frame_stack,
+                      action_repeat=args.action_repeat)
+    env = DMCEnv(args.domain, args.task, args.seed, **env_kwargs)
+    eval_env = DMCEnv(args.domain, args.task, args.seed + EVAL_SEED_OFFSET, **env_kwargs)
+    obs = env.reset()  # renders once: a GL failure shows here, before the run folder exists
+
+    repeat = args.action_repeat
+    agent_steps_total = math.ceil(args.total_steps / repeat)
+    capacity = min(args.buffer_size, agent_steps_total)
+    buffer = ReplayBuffer(env.frame_shape, np.uint8 if args.obs == "pixels" else np.float32, args.frame_stack,
+                          env.action_dim, capacity, env.episode_length, seed=args.seed, device=device)
+    agent = SACAE(env.obs_shape, env.action_dim, device, args)
+
+    os.makedirs(args.out_dir, exist_ok=True)
+    config = {**vars(args), "device_resolved": str(device), "buffer_capacity": capacity,
+              "episode_length_agent_steps": env.episode_length, "versions": versions()}
+    with open(os.path.join(args.out_dir, "config.json"), "w") as f:
+        json.dump(config, f, indent=2)
+    if args.save_video:
+        os.makedirs(os.path.join(args.out_dir, "video"), exist_ok=True)
+    eval_log = CSVLog(os.path.join(args.out_dir, "eval.csv"), EVAL_FIELDS)
+    train_log = CSVLog(os.path.join(args.out_dir, "train.csv"), TRAIN_FIELDS)
+
+    print(f"[setup] {args.domain}-{args.task} seed {args.seed} | obs {args.obs} decoder {args.decoder} | "
+          f"action repeat {repeat}{'' if args.domain in ACTION_REPEAT else ' (default for unlisted domains)'} | "
+          f"device {device} | replay {capacity:,} transitions, {buffer.nbytes / 2**30:.2f} GiB "
+          f"({buffer.bytes_per_transition:,.0f} B each) | {args.out_dir}", flush=True)
+
+    # Timing, for the ETA: one update on a copy of the agent, and the environment as it runs.
+    sec_update = time_one_update(agent, (env.obs_shape, env.action_dim), args.batch_size, device)
+    sec_env = 0.0
+    updates_left = max(0, agent_steps_total - args.init_steps) + (args.init_updates if agent_steps_total > args.init_steps else 0)
+    eval_steps = args.eval_episodes * env.episode_length * (args.total_steps // args.eval_freq + 2)
+    print(f"[eta] one update takes {sec_update * 1000:.0f} ms on {device}: {updates_left:,} updates need about "
+          f"{duration(updates_left * sec_update)} before environment time"
+          + (" -- a full pixel run is a GPU job" if device.type == "cpu" and updates_left * sec_update > 6 * 3600 else ""),
+          flush=True)
+
+    start = time.time()
+    env_step = agent_step = episode = updates = 0
+    next_eval = 0
+    episode_return, episode_start, episode_env_steps = 0.0, time.time(), 0
+    sums, counts = {}, {}
+    buffer.add_first(obs)
+
+    def run_eval():
+        video = os.path.join(args.out_dir, "video", f"eval_{env_step}.mp4") if args.save_video else None
+        agent.train(False)
+        returns = evaluate(eval_env, agent, args.eval_episodes, video)
+        agent.train(True)
+        row = {"env_step": env_step, "agent_step": agent_step, "episode_return_mean": float(np.mean(returns)),
+               "episode_return_std": float(np.std(returns)), "episode_return_min": float(np.min(returns)),
+               "episode_return_max": float(np.max(returns)), "episodes": len(returns),
+               "wall_time": time.time() - start}
+        eval_log.write(row)
+        print(f"[eval] env_step {env_step} (agent {agent_step}) | return {row['episode_return_mean']:.1f} "
+              f"+- {row['episode_return_std']:.1f} over {len(returns)} episodes", flush=True)
+
+    while True:
+        if env_step >= next_eval:
+            run_eval()
+            next_eval = (env_step // args.eval_freq + 1) * args.eval_freq
+        if env_step >= args.total_steps:
+            break
+
+        if agent_step < args.init_steps:
+            action = rng.uniform(-1.0, 1.0, env.action_dim).astype(np.float32)
+        else:
+            action = agent.act(obs)
+        if agent_step >= args.init_steps:
+            t0 = time.perf_counter()
+            for _ in range(args.init_updates if agent_step == args.init_steps else 1):
+                for k, v in agent.update(buffer.sample(args.batch_size), agent_step).items():
+                    sums[k] = sums.get(k, 0.0) + v
+                    counts[k] = counts.get(k, 0) + 1
+                updates += 1
+            sec_update = 0.9 * sec_update + 0.1 * (time.perf_counter() - t0) / (args.init_updates if agent_step == args.init_steps else 1)
+
+        t0 = time.perf_counter()
+        obs, reward, discount, done, steps = env.step(action)
+        sec_env = 0.99 * sec_env + 0.01 * (time.perf_counter() - t0) if sec_env else time.perf_counter() - t0
+        buffer.add(action, reward, discount, obs)
+        agent_step += 1
+        env_step += steps
+        episode_env_steps += steps
+        episode_return += reward
+
+        if done or env_step >= args.total_steps:
+            elapsed = time.time() - episode_start
+            fps = episode_env_steps / max(elapsed, 1e-9)
+            row = {"env_step": env_step, "agent_step": agent_step, "episode": episode, "episode_return": episode_return,
+                   "episode_length": episode_env_steps, "updates": updates, "fps": fps, "wall_time": time.time() - start}
+            row.update({k: (sums[k] / counts[k]).item() for k in sums})
+            train_log.write(row)
+            steps_left = math.ceil((args.total_steps - env_step) / repeat)
+            evals_left = (args.total_steps - env_step) // args.eval_freq + 1
+            eta = steps_left * (sec_update + sec_env) + evals_left * args.eval_episodes * env.episode_length * sec_env
+            print(f"[train] env_step {env_step} (agent {agent_step}) | episode {episode} | return {episode_return:.1f} | "
+                  f"fps {fps:.1f} | eta {duration(eta)}", flush=True)
+            sums, counts = {}, {}
+            episode += 1
+            episode_return, episode_start, episode_env_steps = 0.0, time.time(), 0
+            if done:
+                obs = env.reset()
+                buffer.add_first(obs)
+
+    eval_log.close()
+    train_log.close()
+    print(f"[done] {env_step} environment steps in {duration(time.time() - start)}; run folder {args.out_dir}", flush=True)
+    return args.out_dir
+
+
+# ============================================================================ main
+def main(argv=None):
+    args = parse_args(argv)
+    try:
+        train(args)
+    except UsageError as e:
+        print(f"sac_ae.py: error: {e}", file=sys.stderr)
+        return 2
+    except RenderError as e:
+        print(f"sac_ae.py: error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

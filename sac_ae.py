@@ -635,7 +635,9 @@ class SACAE:
         for online, target, tau in ((self.critic.Q1, self.critic_target.Q1, self.args.critic_tau),
                                     (self.critic.Q2, self.critic_target.Q2, self.args.critic_tau),
                                     (self.critic.encoder, self.critic_target.encoder, self.args.encoder_tau)):
-            torch._foreach_lerp_(list(target.parameters()), list(online.parameters()), tau)
+            target_params = list(target.parameters())
+            if target_params:  # an identity encoder (--obs state) has none
+                torch._foreach_lerp_(target_params, list(online.parameters()), tau)
 
     def update_autoencoder(self, obs, z):
         """RAE loss (Sec. 5): reconstruction + latent penalty; decoder weight decay lives in Adam."""

@@ -1,0 +1,375 @@
+"""Specification of sac_ae.py as tests: one behaviour per test, real dm_control where cheap."""
+import collections
+import copy
+import csv
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+import sac_ae
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+SCRIPT = os.path.join(HERE, "sac_ae.py")
+
+
+def small_args(*extra):
+    """Resolved arguments with tiny networks, for tests of the maths."""
+    return sac_ae.parse_args(["--image-size", "32", "--hidden-dim", "32", "--feature-dim", "8",
+                              "--num-filters", "4", "--batch-size", "4", *extra])
+
+
+def make_agent(*extra, action_dim=3):
+    args = small_args(*extra)
+    obs_shape = (3 * args.frame_stack, args.image_size, args.image_size) if args.obs == "pixels" else (5,)
+    return sac_ae.SACAE(obs_shape, action_dim, torch.device("cpu"), args), args
+
+
+def random_batch(agent, args, batch=4, action_dim=3, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    shape = (batch, 3 * args.frame_stack, args.image_size, args.image_size)
+    obs = torch.randint(0, 256, shape, generator=g, dtype=torch.uint8)
+    next_obs = torch.randint(0, 256, shape, generator=g, dtype=torch.uint8)
+    action = torch.rand(batch, action_dim, generator=g) * 2 - 1
+    return obs, action, torch.rand(batch, 1, generator=g), next_obs, torch.ones(batch, 1)
+
+
+def conv_params(agent):
+    return [p.detach().clone() for p in agent.critic.encoder.trunk.parameters()]
+
+
+def same(before, module_params):
+    return all(torch.equal(a, b.detach()) for a, b in zip(before, module_params))
+
+
+# ---------------------------------------------------------------------------- environment
+@pytest.mark.parametrize("domain,task,repeat", [("cheetah", "run", 4), ("cartpole", "swingup", 8)])
+def test_pixel_observation_is_stacked_uint8_channels_first(domain, task, repeat):
+    env = sac_ae.DMCEnv(domain, task, seed=0, action_repeat=repeat)
+    obs = env.reset()
+    assert obs.shape == (9, 84, 84) and obs.dtype == np.uint8
+    obs, reward, discount, done, steps = env.step(np.zeros(env.action_dim))
+    assert obs.shape == (9, 84, 84) and obs.dtype == np.uint8
+    assert steps == repeat and discount == 1.0 and not done
+
+
+def test_stack_after_reset_repeats_the_first_frame_then_shifts():
+    env = sac_ae.DMCEnv("cheetah", "run", seed=0, action_repeat=4)
+    obs = env.reset()
+    first = env.env.physics.render(84, 84, camera_id=0).transpose(2, 0, 1)
+    for j in range(3):
+        assert np.array_equal(obs[3 * j:3 * j + 3], first)
+    nxt, *_ = env.step(np.ones(env.action_dim))
+    assert np.array_equal(nxt[:6], obs[3:])  # shifted by one frame
+    assert np.array_equal(nxt[6:], env.env.physics.render(84, 84, camera_id=0).transpose(2, 0, 1))
+    assert not np.array_equal(nxt[6:], first)
+
+
+def test_action_repeat_sums_rewards_and_advances_physics_r_times():
+    wrapped = sac_ae.DMCEnv("cheetah", "run", seed=5, obs="state", action_repeat=4)
+    raw = sac_ae.load_suite().load("cheetah", "run", task_kwargs={"random": 5})
+    wrapped.reset(), raw.reset()
+    rng = np.random.default_rng(0)
+    for _ in range(3):
+        action = rng.uniform(-1, 1, wrapped.action_dim)
+        _, reward, _, _, steps = wrapped.step(action)
+        expected = sum(raw.step(action).reward for _ in range(4))
+        assert steps == 4
+        assert reward == pytest.approx(expected, rel=1e-12)
+    assert wrapped.env.physics.data.time == pytest.approx(raw.physics.data.time)
+    assert wrapped.env.physics.data.time == pytest.approx(12 * raw.physics.timestep())
+    assert np.array_equal(wrapped.env.physics.data.qpos, raw.physics.data.qpos)
+
+
+def test_episode_lasts_1000_environment_steps_in_agent_steps():
+    env = sac_ae.DMCEnv("cartpole", "swingup", seed=0, obs="state", action_repeat=8)
+    env.reset()
+    agent_steps, env_steps, done = 0, 0, False
+    while not done:
+        _, _, discount, done, steps = env.step(np.zeros(env.action_dim))
+        agent_steps, env_steps = agent_steps + 1, env_steps + steps
+    assert (agent_steps, env_steps) == (125, 1000) == (env.episode_length, 1000)
+    assert discount == 1.0  # a time limit, not a terminal: the critic bootstraps through it
+
+
+def test_action_repeat_defaults_per_domain():
+    expected = {"cartpole": 8, "reacher": 4, "cheetah": 4, "finger": 2, "ball_in_cup": 4, "walker": 2,
+                "hopper": 2}
+    tasks = {"cartpole": "swingup", "reacher": "easy", "cheetah": "run", "finger": "spin",
+             "ball_in_cup": "catch", "walker": "walk", "hopper": "hop"}
+    for domain, repeat in expected.items():
+        assert sac_ae.parse_args(["--domain", domain, "--task", tasks[domain]]).action_repeat == repeat
+    assert sac_ae.parse_args(["--action-repeat", "3"]).action_repeat == 3
+
+
+def test_quadruped_renders_from_camera_2():
+    env = sac_ae.DMCEnv("quadruped", "walk", seed=0, action_repeat=2)
+    assert env.camera_id == 2
+    obs = env.reset()
+    expected = env.env.physics.render(84, 84, camera_id=2).transpose(2, 0, 1)
+    assert np.array_equal(obs[-3:], expected)
+    assert not np.array_equal(obs[-3:], env.env.physics.render(84, 84, camera_id=0).transpose(2, 0, 1))
+
+
+# ---------------------------------------------------------------------------- replay buffer
+def scripted_episodes(lengths, frame_stack, channels=1, size=2):
+    """Frames numbered by time, stacked exactly as DMCEnv does; yields buffer calls and naive transitions."""
+    counter = 0
+    for length in lengths:
+        counter += 1
+        stack = collections.deque([np.full((channels, size, size), counter % 256, np.uint8)] * frame_stack,
+                                  maxlen=frame_stack)
+        obs = np.concatenate(stack)
+        yield ("first", obs)
+        for step in range(length):
+            counter += 1
+            stack.append(np.full((channels, size, size), counter % 256, np.uint8))
+            next_obs = np.concatenate(stack)
+            action = np.array([counter], np.float32)  # a unique id for the transition
+            not_done = 0.0 if step == length - 1 and length % 2 else 1.0
+            yield ("step", (obs, action, float(counter) / 7, next_obs, not_done))
+            obs = next_obs
+
+
+def test_replay_buffer_matches_naive_buffer_across_episodes_and_wraparound():
+    k, capacity = 3, 20
+    buffer = sac_ae.ReplayBuffer((1, 2, 2), np.uint8, k, 1, capacity, episode_length=5, seed=0,
+                                 device=torch.device("cpu"))
+    naive = []
+    lengths = [1, 5, 2, 7, 3, 1, 6, 4, 5, 2, 9, 1]  # > capacity in total: the ring wraps twice
+    for kind, item in scripted_episodes(lengths, k):
+        if kind == "first":
+            buffer.add_first(item)
+        else:
+            buffer.add(item[1], item[2], item[4], item[3])
+            naive.append(item)
+    assert buffer.t > 2 * buffer.size
+    by_id = {int(a[0]): (o, a, r, n, d) for o, a, r, n, d in naive}
+    valid = [t for t in range(buffer.t - buffer.size, buffer.t) if buffer._valid(np.array([t]))[0]]
+    obs, action, reward, next_obs, not_done = buffer.get(np.array(valid))
+    ids = action[:, 0].int().tolist()
+    assert set(ids) >= {int(a[0]) for _, a, _, _, _ in naive[-capacity:]}  # the newest `capacity` at least
+    for j, i in enumerate(ids):
+        o, a, r, n, d = by_id[i]
+        assert np.array_equal(obs[j].numpy(), o), f"obs of transition {i}"
+        assert np.array_equal(next_obs[j].numpy(), n), f"next_obs of transition {i}"
+        assert reward[j, 0].item() == pytest.approx(r) and not_done[j, 0].item() == d
+    sampled = buffer.sample(256)[1][:, 0].int().tolist()
+    assert set(sampled) <= set(ids) and len(set(sampled)) > len(ids) // 2
+
+
+def test_replay_buffer_rebuilds_real_environment_stacks():
+    env = sac_ae.DMCEnv("cartpole", "swingup", seed=1, obs="state", frame_stack=3, action_repeat=8)
+    buffer = sac_ae.ReplayBuffer(env.frame_shape, np.float32, 3, env.action_dim, 200, env.episode_length,
+                                 device=torch.device("cpu"))
+    obs = env.reset()
+    buffer.add_first(obs)
+    naive = []
+    for step in range(160):  # crosses the episode boundary at 125
+        action = np.array([step / 200], np.float32)
+        next_obs, reward, discount, done, _ = env.step(action)
+        buffer.add(action, reward, discount, next_obs)
+        naive.append((obs, next_obs))
+        obs = next_obs
+        if done:
+            obs = env.reset()
+            buffer.add_first(obs)
+    slots = np.array([t for t in range(buffer.t) if buffer.age[t] > 0])
+    b_obs, b_action, _, b_next, _ = buffer.get(slots)
+    for j in range(len(slots)):
+        o, n = naive[round(b_action[j, 0].item() * 200)]
+        assert np.array_equal(b_obs[j].numpy(), o) and np.array_equal(b_next[j].numpy(), n)
+
+
+def test_replay_memory_per_transition_at_84_pixels_is_under_21_5_kb():
+    buffer = sac_ae.ReplayBuffer((3, 84, 84), np.uint8, 3, 6, 100_000, episode_length=250,
+                                 device=torch.device("cpu"))
+    assert buffer.bytes_per_transition < 21_500
+    assert buffer.nbytes >= 100_000 * 3 * 84 * 84  # every transition keeps at least its frame
+
+
+# ---------------------------------------------------------------------------- networks
+@pytest.mark.parametrize("size", [84, 64, 65])
+def test_network_shapes(size):
+    args = sac_ae.parse_args(["--image-size", str(size), "--hidden-dim", "16"])
+    agent = sac_ae.SACAE((9, size, size), 6, torch.device("cpu"), args)
+    obs = torch.randint(0, 256, (2, 9, size, size), dtype=torch.uint8)
+    z = agent.critic.encoder(obs)
+    assert z.shape == (2, 50) and z.abs().max() <= 1
+    assert agent.decoder(z).shape == (2, 9, size, size)
+    q1, q2 = agent.critic(obs, torch.zeros(2, 6))
+    assert q1.shape == q2.shape == (2, 1)
+    mu, log_std = agent.actor(obs)
+    assert mu.shape == log_std.shape == (2, 6)
+    assert log_std.min() >= -10 and log_std.max() <= 2
+    if size == 84:
+        assert agent.critic.encoder.trunk.out_dim == 32 * 35 * 35
+
+
+def test_actor_and_critic_share_one_conv_trunk_but_not_the_head():
+    agent, _ = make_agent()
+    assert agent.actor.encoder.trunk is agent.critic.encoder.trunk
+    assert agent.actor.encoder.head is not agent.critic.encoder.head
+    assert agent.critic_target.encoder.trunk is not agent.critic.encoder.trunk
+
+
+# ---------------------------------------------------------------------------- gradient routing
+def test_critic_step_moves_conv_weights():
+    agent, args = make_agent()
+    before = conv_params(agent)
+    agent.update_critic(*random_batch(agent, args))
+    assert not same(before, agent.critic.encoder.trunk.parameters())
+
+
+def test_actor_loss_leaves_conv_weights_unchanged():
+    agent, args = make_agent()
+    obs = random_batch(agent, args)[0]
+    before, head_before = conv_params(agent), [p.detach().clone() for p in agent.actor.encoder.head.parameters()]
+    critic_before = [p.detach().clone() for p in agent.critic.parameters()]
+    h = agent.critic.encoder.trunk(obs)
+    agent.update_actor_and_alpha(h.detach(), agent.critic.encoder.head(h).detach())
+    assert same(before, agent.critic.encoder.trunk.parameters())
+    assert same(critic_before, agent.critic.parameters())
+    assert not same(head_before, agent.actor.encoder.head.parameters())
+
+
+def test_full_update_on_an_odd_step_does_not_touch_the_actor():
+    agent, args = make_agent()
+    actor_before = [p.detach().clone() for p in agent.actor.policy.parameters()]
+    agent.update(random_batch(agent, args), step=1)
+    assert same(actor_before, agent.actor.policy.parameters())
+    agent.update(random_batch(agent, args), step=2)
+    assert not same(actor_before, agent.actor.policy.parameters())
+
+
+def test_decoder_step_moves_conv_and_decoder_weights():
+    agent, args = make_agent()
+    obs = random_batch(agent, args)[0]
+    before, dec_before = conv_params(agent), [p.detach().clone() for p in agent.decoder.parameters()]
+    agent.update_autoencoder(obs, agent.critic.encoder(obs))
+    assert not same(before, agent.critic.encoder.trunk.parameters())
+    assert not same(dec_before, agent.decoder.parameters())
+
+
+def test_soft_target_update_moves_encoder_by_0_05_and_q_heads_by_0_01():
+    agent, _ = make_agent()
+    with torch.no_grad():
+        for p in agent.critic.parameters():
+            p.add_(torch.randn_like(p))
+    old = copy.deepcopy(agent.critic_target)
+    agent.update_targets()
+    for name, tau in (("encoder", 0.05), ("Q1", 0.01), ("Q2", 0.01)):
+        for new, prev, online in zip(getattr(agent.critic_target, name).parameters(), getattr(old, name).parameters(),
+                                     getattr(agent.critic, name).parameters()):
+            assert torch.allclose(new, prev + tau * (online - prev), atol=1e-6), name
+
+
+# ---------------------------------------------------------------------------- losses
+def test_reconstruction_target_is_5_bit_grid_plus_dequantisation_noise():
+    obs = torch.arange(256, dtype=torch.uint8).repeat(40).view(10, 4, 16, 16)
+    target = sac_ae.reconstruction_target(obs, bits=5)
+    assert target.min() >= -0.5 and target.max() <= 0.5
+    grid = torch.floor(obs.float() / 8) / 32 - 0.5  # the 5-bit bin each pixel falls in
+    noise = target - grid
+    assert noise.min() >= 0 and noise.max() < 1 / 32 + 1e-7
+    assert noise.std() > 0.25 / 32  # uniform over the bin, not a constant offset
+
+
+@pytest.mark.parametrize("log_std,direction", [(-10.0, +1), (0.0, -1)])
+def test_temperature_rises_when_entropy_is_below_target_and_falls_above(log_std, direction):
+    agent, args = make_agent()
+    last = agent.actor.policy[-1]
+    with torch.no_grad():  # pin the policy's std: log_std output = tanh^-1 of the wanted point
+        last.weight.zero_()
+        u = (log_std - args.actor_log_std_min) / (args.actor_log_std_max - args.actor_log_std_min) * 2 - 1
+        last.bias[3:] = torch.atanh(torch.tensor(max(min(u, 0.999), -0.999)))
+    obs = random_batch(agent, args)[0]
+    h = agent.critic.encoder.trunk(obs)
+    before = agent.log_alpha.item()
+    metrics = agent.update_actor_and_alpha(h.detach(), agent.critic.encoder.head(h).detach())
+    below = metrics["entropy"].item() < agent.target_entropy
+    assert below == (direction > 0)
+    assert (agent.log_alpha.item() - before) * direction > 0
+
+
+# ---------------------------------------------------------------------------- command line
+def run_cli(*argv, timeout=600):
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    return subprocess.run([sys.executable, SCRIPT, *argv], capture_output=True, text=True, timeout=timeout,
+                          env=env, cwd=HERE)
+
+
+def read_csv(path):
+    with open(path) as f:
+        return list(csv.DictReader(f))
+
+
+SHORT_RUN = ["--domain", "cheetah", "--task", "run", "--seed", "3", "--total-steps", "600", "--init-steps", "30",
+             "--eval-freq", "300", "--eval-episodes", "1", "--batch-size", "8", "--image-size", "48",
+             "--hidden-dim", "64", "--device", "cpu"]
+
+
+def test_short_pixel_run_writes_run_folder_and_is_reproducible(tmp_path):
+    outs = []
+    for attempt in range(2):
+        out = tmp_path / f"run{attempt}"
+        result = run_cli(*SHORT_RUN, "--out-dir", str(out))
+        assert result.returncode == 0, result.stderr[-2000:]
+        outs.append(out)
+    config = json.loads((outs[0] / "config.json").read_text())
+    assert config["action_repeat"] == 4 and config["decoder"] == "pixel" and config["versions"]["mujoco"]
+    evals = read_csv(outs[0] / "eval.csv")
+    assert [int(r["env_step"]) for r in evals] == [0, 300, 600]
+    assert [int(r["agent_step"]) for r in evals] == [0, 75, 150]
+    train = read_csv(outs[0] / "train.csv")
+    assert int(train[-1]["env_step"]) == 600
+    # A burst of 30 updates at agent step 30, then one per agent step 31..149.
+    assert int(train[-1]["updates"]) == 30 + 119
+    assert float(train[-1]["critic_loss"]) > 0 and float(train[-1]["ae_loss"]) > 0
+    again = read_csv(outs[1] / "eval.csv")
+    assert [r["episode_return_mean"] for r in evals] == [r["episode_return_mean"] for r in again]
+    assert [r["critic_loss"] for r in train] == [r["critic_loss"] for r in read_csv(outs[1] / "train.csv")]
+
+
+@pytest.mark.parametrize("mode", [["--obs", "state"], ["--decoder", "none"]])
+def test_baselines_run_from_the_command_line(tmp_path, mode):
+    out = tmp_path / "run"
+    result = run_cli(*SHORT_RUN, *mode, "--out-dir", str(out))
+    assert result.returncode == 0, result.stderr[-2000:]
+    train = read_csv(out / "train.csv")
+    assert float(train[-1]["critic_loss"]) > 0 and train[-1]["ae_loss"] == ""
+    assert len(read_csv(out / "eval.csv")) == 3
+
+
+@pytest.mark.parametrize("argv,needle", [
+    (["--domain", "chetah"], "valid domains: acrobot"),
+    (["--task", "walk"], "valid tasks: run"),
+    (["--batch-size", "0"], "--batch-size"),
+    (["--total-steps", "-5"], "--total-steps"),
+    (["--buffer-size", "0"], "--buffer-size"),
+    (["--image-size", "12"], "too small"),
+    (["--obs", "rgb"], "--obs"),
+    (["--decoder", "vae2"], "--decoder"),
+    (["--device", "tpu"], "--device"),
+    (["--obs", "state", "--decoder", "pixel"], "--decoder pixel needs --obs pixels"),
+    (["--critic-tau", "1.5"], "--critic-tau"),
+    (["--no-such-flag"], "unrecognized"),
+] + ([(["--device", "cuda"], "CUDA is not available")] if not torch.cuda.is_available() else []))
+def test_bad_input_is_one_line_exit_2_and_writes_nothing(tmp_path, argv, needle):
+    out = tmp_path / "never"
+    result = run_cli(*argv, "--out-dir", str(out), timeout=120)
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2, result.stderr
+    assert len(lines) == 1 and needle in lines[0] and "Traceback" not in result.stderr
+    assert not out.exists()
+
+
+def test_existing_non_empty_out_dir_is_refused_and_left_alone(tmp_path):
+    (tmp_path / "keep.txt").write_text("mine")
+    result = run_cli("--out-dir", str(tmp_path), timeout=120)
+    assert result.returncode == 2 and "not empty" in result.stderr and len(result.stderr.strip().splitlines()) == 1
+    assert sorted(os.listdir(tmp_path)) == ["keep.txt"]

@@ -373,3 +373,106 @@ def test_existing_non_empty_out_dir_is_refused_and_left_alone(tmp_path):
     result = run_cli("--out-dir", str(tmp_path), timeout=120)
     assert result.returncode == 2 and "not empty" in result.stderr and len(result.stderr.strip().splitlines()) == 1
     assert sorted(os.listdir(tmp_path)) == ["keep.txt"]
+
+
+# ---------------------------------------------------------------------------- the update, literally
+def literal_update(agent, batch, step):
+    """SPEC 4 transcribed step by step, every part recomputing its own forward passes.
+
+    The reference the optimised `SACAE.update` must equal. Same random draws in the same order:
+    the critic's next-action noise, the actor's noise (even steps), the dequantisation noise.
+    """
+    a = agent.args
+    obs, action, reward, next_obs, not_done = batch
+
+    def squashed_sample(mu, log_std):
+        eps = torch.randn_like(mu)
+        u = mu + eps * torch.exp(log_std)
+        log_p = torch.sum(-0.5 * eps ** 2 - log_std, dim=-1, keepdim=True) - 0.5 * np.log(2 * np.pi) * mu.shape[-1]
+        act = torch.tanh(u)
+        return act, log_p - torch.sum(torch.log(torch.clamp(1 - act ** 2, min=0) + 1e-6), dim=-1, keepdim=True)
+
+    def policy(o):  # the actor's encoder on detached conv features, then its MLP
+        feat = agent.actor.encoder.head(agent.actor.encoder.trunk(o).detach())
+        mu, raw = agent.actor.policy(feat).chunk(2, dim=-1)
+        lo, hi = a.actor_log_std_min, a.actor_log_std_max
+        return mu, lo + (hi - lo) * (torch.tanh(raw) + 1) / 2
+
+    def q_values(critic, o, act, detach=False):
+        h = critic.encoder.trunk(o)
+        z = critic.encoder.head(h.detach() if detach else h)
+        return critic.Q1(torch.cat([z, act], 1)), critic.Q2(torch.cat([z, act], 1))
+
+    alpha = agent.log_alpha.exp().detach()
+    # 1. critic
+    with torch.no_grad():
+        next_act, next_log_p = squashed_sample(*policy(next_obs))
+        tq1, tq2 = q_values(agent.critic_target, next_obs, next_act)
+        y = reward + a.gamma * not_done * (torch.min(tq1, tq2) - alpha * next_log_p)
+    q1, q2 = q_values(agent.critic, obs, action)
+    critic_loss = ((q1 - y) ** 2).mean() + ((q2 - y) ** 2).mean()
+    agent.critic_opt.zero_grad()
+    critic_loss.backward()
+    agent.critic_opt.step()
+    if step % a.actor_update_freq == 0:
+        # 2. actor, then temperature
+        pi, log_p = squashed_sample(*policy(obs))
+        aq1, aq2 = q_values(agent.critic, obs, pi, detach=True)
+        actor_loss = torch.mean(agent.log_alpha.exp().detach() * log_p - torch.min(aq1, aq2))
+        agent.actor_opt.zero_grad()
+        actor_loss.backward()
+        agent.actor_opt.step()
+        alpha_loss = torch.mean(agent.log_alpha.exp() * (-log_p - agent.target_entropy).detach())
+        agent.log_alpha_opt.zero_grad()
+        alpha_loss.backward()
+        agent.log_alpha_opt.step()
+    if step % a.target_update_freq == 0:
+        # 3. targets: Q heads slowly, the encoder faster
+        with torch.no_grad():
+            for name, tau in (("Q1", a.critic_tau), ("Q2", a.critic_tau), ("encoder", a.encoder_tau)):
+                for p, tp in zip(getattr(agent.critic, name).parameters(), getattr(agent.critic_target, name).parameters()):
+                    tp.copy_(tau * p + (1 - tau) * tp)
+    if agent.decoder is not None and step % a.ae_update_freq == 0:
+        # 4. autoencoder
+        z = agent.critic.encoder(obs)
+        target = torch.floor(obs.float() / 8) / 32 + torch.rand(obs.shape) / 32 - 0.5
+        loss = ((agent.decoder(z) - target) ** 2).mean() + a.decoder_latent_lambda * (0.5 * (z ** 2).sum(1)).mean()
+        agent.encoder_opt.zero_grad()
+        agent.decoder_opt.zero_grad()
+        loss.backward()
+        agent.encoder_opt.step()
+        agent.decoder_opt.step()
+
+
+def agent_state(agent):
+    named = {}
+    for prefix, module in agent.modules().items():
+        named.update({f"{prefix}.{n}": p.detach() for n, p in module.named_parameters()})
+    named["log_alpha"] = agent.log_alpha.detach()
+    return named
+
+
+@pytest.mark.parametrize("extra", [[], ["--decoder", "none"], ["--obs", "state"]])
+def test_optimised_update_equals_literal_transcription(extra):
+    agent, args = make_agent(*extra)
+    with torch.no_grad():  # open a gap between online and target weights, so target rates show
+        for p in agent.critic.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    reference, initial = copy.deepcopy(agent), agent_state(copy.deepcopy(agent))
+    for step in (2, 3, 4):  # even, odd, even: the actor and targets move on even steps only
+        if args.obs == "pixels":
+            batch = random_batch(agent, args, seed=step)
+        else:
+            g = torch.Generator().manual_seed(step)
+            batch = (torch.randn(4, 5, generator=g), torch.rand(4, 3, generator=g) * 2 - 1,
+                     torch.rand(4, 1, generator=g), torch.randn(4, 5, generator=g), torch.ones(4, 1))
+        torch.manual_seed(100 + step)
+        agent.update(batch, step)
+        torch.manual_seed(100 + step)
+        literal_update(reference, batch, step)
+    ours, theirs = agent_state(agent), agent_state(reference)
+    assert ours.keys() == theirs.keys()
+    for name in ours:
+        assert torch.allclose(ours[name], theirs[name], atol=1e-5, rtol=0), name
+    moved = [name for name in ours if not torch.equal(ours[name], initial[name])]
+    assert "log_alpha" in moved and "critic_target.Q1.0.weight" in moved and "actor.policy.0.weight" in moved

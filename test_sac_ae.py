@@ -476,3 +476,88 @@ def test_optimised_update_equals_literal_transcription(extra):
         assert torch.allclose(ours[name], theirs[name], atol=1e-5, rtol=0), name
     moved = [name for name in ours if not torch.equal(ours[name], initial[name])]
     assert "log_alpha" in moved and "critic_target.Q1.0.weight" in moved and "actor.policy.0.weight" in moved
+
+
+def plain_copy(agent):
+    """A copy of the agent laid out as the authors' code runs: NCHW tensors throughout."""
+    plain = copy.deepcopy(agent)
+    for module in plain.modules().values():
+        for sub in module.modules():
+            if hasattr(sub, "memory_format"):
+                sub.memory_format = torch.contiguous_format
+        for p in module.parameters():
+            p.data = p.data.contiguous()
+    for name, opt in vars(plain).items():  # default (for-loop) Adam, as the authors' code
+        if isinstance(opt, torch.optim.Adam):
+            g = opt.param_groups[0]
+            setattr(plain, name, torch.optim.Adam(g["params"], lr=g["lr"], betas=g["betas"],
+                                                  weight_decay=g["weight_decay"]))
+    return plain
+
+
+def test_plain_layout_computes_the_same_update():
+    agent, args = make_agent()
+    plain = plain_copy(agent)
+    assert plain.critic.encoder.trunk.convs[0].weight.is_contiguous()
+    batch = random_batch(agent, args)
+    for step in (2, 3):
+        torch.manual_seed(step)
+        agent.update(batch, step)
+        torch.manual_seed(step)
+        literal_update(plain, batch, step)
+    for name, value in agent_state(agent).items():
+        assert torch.allclose(value, agent_state(plain)[name], atol=1e-5, rtol=0), name
+
+
+def compare_speed(argv):
+    """`python test_sac_ae.py [training flags]`: ms/update of the literal transcription on an NCHW
+    copy (what the authors' code computes, the way it computes it) against SACAE.update, measured
+    alternately in this one process on the same batch."""
+    import time
+    args = sac_ae.parse_args(argv)
+    action_dim, b, size = 6, args.batch_size, args.image_size
+    agent = sac_ae.SACAE((3 * args.frame_stack, size, size), action_dim, torch.device("cpu"), args)
+    plain = plain_copy(agent)
+    g = torch.Generator().manual_seed(0)
+    obs = torch.randint(0, 256, (b, 3 * args.frame_stack, size, size), generator=g, dtype=torch.uint8)
+    batch = (obs, torch.rand(b, action_dim, generator=g) * 2 - 1, torch.rand(b, 1, generator=g),
+             torch.roll(obs, 1, 0), torch.ones(b, 1))
+    times = {"literal": [], "ours": []}
+    for step in range(2 + 2 * 5):  # two warm-up updates each, then five even/odd pairs
+        for name, fn in (("literal", lambda s: literal_update(plain, batch, s)), ("ours", lambda s: agent.update(batch, s))):
+            start = time.perf_counter()
+            fn(step)
+            times[name].append(time.perf_counter() - start)
+    literal, ours = (1000 * float(np.mean(times[k][2:])) for k in ("literal", "ours"))
+    print(f"literal transcription: {literal:.0f} ms/update | SACAE.update: {ours:.0f} ms/update | "
+          f"ratio {ours / literal:.2f} | batch {b}, {size}x{size}, threads {torch.get_num_threads()}")
+
+
+if __name__ == "__main__":
+    compare_speed(sys.argv[1:])
+
+
+# ---------------------------------------------------------------------------- speed options
+def test_bf16_update_runs_and_keeps_parameters_float32():
+    agent, args = make_agent("--precision", "bf16")
+    before = conv_params(agent)
+    metrics = agent.update(random_batch(agent, args), step=2)
+    assert all(torch.isfinite(v) for v in metrics.values())
+    assert not same(before, agent.critic.encoder.trunk.parameters())
+    for module in agent.modules().values():
+        assert all(p.dtype == torch.float32 for p in module.parameters())
+    assert agent.log_alpha.dtype == torch.float32
+    assert all(s["exp_avg"].dtype == torch.float32 for s in agent.critic_opt.state.values())
+
+
+def test_benchmark_prints_the_final_line():
+    result = run_cli("--benchmark", "--bench-updates", "2", "--batch-size", "4", "--image-size", "32",
+                     "--hidden-dim", "16", "--domain", "cartpole", "--task", "swingup", "--device", "cpu")
+    assert result.returncode == 0, result.stderr[-2000:]
+    last = result.stdout.strip().splitlines()[-1]
+    fields = dict(kv.split("=", 1) for kv in last.split()[1:])
+    assert last.startswith("benchmark ") and list(fields) == [
+        "ms_per_update", "updates_per_s", "env_steps_per_s", "replay_bytes_per_transition", "device", "precision"]
+    assert float(fields["ms_per_update"]) > 0 and float(fields["env_steps_per_s"]) > 0
+    assert int(fields["replay_bytes_per_transition"]) > 3 * 32 * 32
+    assert (fields["device"], fields["precision"]) == ("cpu", "fp32")

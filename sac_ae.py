@@ -11,14 +11,18 @@ a run happens: arguments, environment, replay buffer, networks, agent, evaluatio
 # ============================================================================ imports, MUJOCO_GL
 import argparse
 import collections
+import contextlib
 import copy
 import csv
 import json
 import math
 import os
+import pickle
 import random
+import signal
 import sys
 import time
+import zlib
 
 # Headless rendering by default; dm_control reads this once, when it is first imported.
 os.environ.setdefault("MUJOCO_GL", "egl")
@@ -72,6 +76,16 @@ def positive_int(text):
     return value
 
 
+def nonnegative_int(text):
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got '{text}'")
+    return value
+
+
 def positive_float(text):
     try:
         value = float(text)
@@ -122,6 +136,13 @@ def build_parser():
                    help="auto picks cuda when available")
     g.add_argument("--out-dir", default=None,
                    help="run folder, must be new or empty [default: runs/{domain}-{task}-s{seed}-{timestamp}]")
+    g.add_argument("--resume", default=None, metavar="RUN_DIR",
+                   help="continue that run from its latest checkpoint, with its saved configuration; only "
+                   + ", ".join("--" + k.replace("_", "-") for k in sorted(RESUMABLE)) + " may be given with it")
+    g.add_argument("--checkpoint-freq", type=positive_int, default=None,
+                   help="environment steps between checkpoints [default: --eval-freq]")
+    g.add_argument("--keep-checkpoints", type=nonnegative_int, default=1,
+                   help="older checkpoints kept besides the latest")
     g = p.add_argument_group("environment")
     g.add_argument("--action-repeat", type=positive_int, default=None,
                    help="times each action is applied [default: per domain, PlaNet's: "
@@ -181,14 +202,49 @@ def build_parser():
     return p
 
 
+# Flags that may accompany --resume: none of them changes what the run computes.
+RESUMABLE = {"total_steps", "device", "checkpoint_freq", "keep_checkpoints", "save_video"}
+
+
 def parse_args(argv=None):
     """Parse and validate everything that can be checked without building anything."""
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
+        if args.resume:
+            return resume_args(parser, argv, args.resume)
         resolve_args(args)
     except UsageError as e:
         parser.error(str(e))
+    return args
+
+
+def resume_args(parser, argv, run_dir):
+    """The run's saved configuration, with the few flags that may change on resume applied."""
+    dests = vars(parser.parse_args([]))
+    parser.set_defaults(**{k: None for k in dests})  # so that only the flags typed are not None
+    given = {k: v for k, v in vars(parser.parse_args(argv)).items() if v is not None and k != "resume"}
+    refused = sorted(set(given) - RESUMABLE)
+    if refused:
+        raise UsageError(f"--{refused[0].replace('_', '-')} cannot be given with --resume (the run keeps its "
+                         f"configuration); allowed: " + ", ".join("--" + k.replace("_", "-") for k in sorted(RESUMABLE)))
+    if not os.path.isdir(run_dir):
+        raise UsageError(f"--resume {run_dir}: no such folder")
+    try:
+        with open(os.path.join(run_dir, "config.json")) as f:
+            config = json.load(f)
+    except (OSError, ValueError) as e:
+        raise UsageError(f"--resume {run_dir}: no readable config.json, so not a run folder ({e.__class__.__name__})") from None
+    if set(dests) - {"resume"} - set(config):
+        raise UsageError(f"--resume {run_dir}: config.json lacks {sorted(set(dests) - {'resume'} - set(config))[0]}; "
+                         "was it written by another version of sac_ae.py?")
+    args = argparse.Namespace(**{k: config[k] for k in dests if k != "resume"})
+    vars(args).update(given)
+    args.resume, args.out_dir = run_dir, run_dir
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda but CUDA is not available; valid here: auto, cpu")
+    if latest_checkpoint(run_dir) is None:
+        raise UsageError(f"--resume {run_dir}: no checkpoint in {os.path.join(run_dir, 'checkpoints')}")
     return args
 
 
@@ -207,6 +263,8 @@ def resolve_args(args):
     args.action_repeat = args.action_repeat or ACTION_REPEAT.get(args.domain, DEFAULT_REPEAT)
     args.frame_stack = args.frame_stack or (3 if args.obs == "pixels" else 1)
     args.init_updates = args.init_updates or args.init_steps
+    args.checkpoint_freq = args.checkpoint_freq or args.eval_freq
+    args.buffer_size = min(args.buffer_size, math.ceil(args.total_steps / args.action_repeat))  # no unused memory
     if args.bench_updates % 2:
         raise UsageError(f"--bench-updates must be even (actor and targets move every 2nd update), got {args.bench_updates}")
     if args.actor_log_std_min >= args.actor_log_std_max:
@@ -263,14 +321,14 @@ class DMCEnv:
             raise RenderError(e) from None
         return np.ascontiguousarray(image.transpose(2, 0, 1))  # (H, W, 3) -> (3, H, W)
 
-    def _observation(self):
+    def observation(self):
         return np.concatenate(self.frames, axis=0)  # k x (3, H, W) -> (3k, H, W), oldest first
 
     def reset(self):
         frame = self._frame(self.env.reset())
         for _ in range(self.frames.maxlen):  # the first frame fills the whole stack
             self.frames.append(frame)
-        return self._observation()
+        return self.observation()
 
     def step(self, action):
         action = self._low + (np.asarray(action, np.float64) + 1.0) * 0.5 * (self._high - self._low)
@@ -282,10 +340,21 @@ class DMCEnv:
             if time_step.last():
                 break
         self.frames.append(self._frame(time_step))
-        return self._observation(), reward, float(time_step.discount), time_step.last(), env_steps
+        return self.observation(), reward, float(time_step.discount), time_step.last(), env_steps
 
     def render(self, size):
         return self.env.physics.render(size, size, camera_id=self.camera_id)
+
+    def state_dict(self):
+        """Everything needed to continue mid-episode: dm_control pickles physics (model and data, so
+        warm starts and per-episode model edits too), task and its RandomState, and step counters.
+        The model's textures make it 12 MB; they compress to about 0.7 MB."""
+        return {"env": zlib.compress(pickle.dumps(self.env), 1), "frames": list(self.frames)}
+
+    def load_state_dict(self, state):
+        self.env = pickle.loads(zlib.decompress(state["env"]))
+        self.frames.clear()
+        self.frames.extend(state["frames"])
 
 
 # ============================================================================ replay buffer
@@ -381,6 +450,46 @@ class ReplayBuffer:
 
     def sample(self, n):
         return self.get(self.sample_slots(n))
+
+    # Checkpoints store the ring as append-only chunk files, each slot written once: a checkpoint
+    # writes only the slots added since the previous one.
+    def save_chunk(self, folder, start):
+        """Write slots [start, t) that are still in the ring to folder/replay_{start}_{t}.npz."""
+        start = max(start, self.t - self.size)
+        if start >= self.t:
+            return
+        i = np.arange(start, self.t) % self.size
+        path = os.path.join(folder, f"replay_{start:012d}_{self.t:012d}.npz")
+        with atomic_write(path) as f:
+            np.savez(f, frames=self.frames[i], action=self.action[i], reward=self.reward[i],
+                     not_done=self.not_done[i], age=self.age[i])
+
+    def load_chunks(self, folder, t):
+        """Refill the ring as it was when t slots had been written."""
+        self.t, need = t, max(0, t - self.size)
+        for start, end, path in replay_chunks(folder):
+            lo, hi = max(start, need), min(end, t)
+            if lo >= hi:
+                continue
+            if lo != need:
+                raise UsageError(f"replay chunk missing for slots {need}..{lo} in {folder}")
+            with np.load(path) as chunk:
+                i, part = np.arange(lo, hi) % self.size, slice(lo - start, hi - start)
+                self.frames[i], self.action[i], self.reward[i] = chunk["frames"][part], chunk["action"][part], chunk["reward"][part]
+                self.not_done[i], self.age[i] = chunk["not_done"][part], chunk["age"][part]
+            need = hi
+        if need != t:
+            raise UsageError(f"replay chunks in {folder} end at slot {need}, the checkpoint needs {t}")
+
+
+def replay_chunks(folder):
+    """(start, end, path) of the replay chunk files in folder, in order."""
+    out = []
+    for name in os.listdir(folder):
+        if name.startswith("replay_") and name.endswith(".npz"):
+            start, end = name[len("replay_"):-len(".npz")].split("_")
+            out.append((int(start), int(end), os.path.join(folder, name)))
+    return sorted(out)
 
 
 def available_memory():
@@ -597,6 +706,23 @@ class SACAE:
             mods["decoder"] = self.decoder
         return mods
 
+    def optimizers(self):
+        return {k: v for k, v in vars(self).items() if isinstance(v, torch.optim.Optimizer)}
+
+    def state_dict(self):
+        state = {k: m.state_dict() for k, m in {**self.modules(), **self.optimizers()}.items()}
+        state["log_alpha"] = self.log_alpha.detach().clone()
+        return state
+
+    def load_state_dict(self, state):
+        for k, m in {**self.modules(), **self.optimizers()}.items():
+            m.load_state_dict(state[k])
+        with torch.no_grad():
+            self.log_alpha.copy_(state["log_alpha"])
+
+    def parameters(self):
+        return [self.log_alpha] + [p for m in self.modules().values() for p in m.parameters()]
+
     @property
     def alpha(self):
         return self.log_alpha.exp()
@@ -745,6 +871,143 @@ def duration(seconds):
     return f"{seconds // 60}m{seconds % 60:02d}s"
 
 
+# ============================================================================ checkpointing
+class NonFiniteError(RuntimeError):
+    """A loss or parameter became NaN or inf."""
+
+
+@contextlib.contextmanager
+def atomic_write(path):
+    """Write path.tmp, fsync, rename: a crash at any moment leaves the old file or the new one."""
+    tmp = path + ".tmp"
+    try:
+        with open(tmp, "wb") as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+    fd = os.open(os.path.dirname(path) or ".", os.O_RDONLY)
+    try:
+        os.fsync(fd)  # make the rename itself durable
+    finally:
+        os.close(fd)
+
+
+def maths_config(args):
+    """The flags a checkpoint must agree on: all but those that do not change what is computed."""
+    return {k: v for k, v in sorted(vars(args).items()) if k not in RESUMABLE | {"resume", "out_dir", "benchmark"}}
+
+
+def checkpoints(run_dir):
+    """[(env_step, replay_slots, path)] of the complete checkpoints of a run, oldest first."""
+    folder = os.path.join(run_dir, "checkpoints")
+    out = []
+    for name in os.listdir(folder) if os.path.isdir(folder) else []:
+        if name.startswith("ckpt_") and name.endswith(".pt"):
+            step, slots = name[len("ckpt_"):-len(".pt")].split("_")
+            out.append((int(step), int(slots), os.path.join(folder, name)))
+    return sorted(out)
+
+
+def latest_checkpoint(run_dir):
+    found = checkpoints(run_dir)
+    return found[-1][2] if found else None
+
+
+def rng_states(action_rng, buffer):
+    states = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+              "actions": action_rng.bit_generator.state, "replay": buffer.rng.bit_generator.state}
+    if torch.cuda.is_available():
+        states["cuda"] = torch.cuda.get_rng_state_all()
+    return states
+
+
+def set_rng_states(states, action_rng, buffer):
+    random.setstate(states["python"])
+    np.random.set_state(states["numpy"])
+    torch.set_rng_state(states["torch"])
+    action_rng.bit_generator.state, buffer.rng.bit_generator.state = states["actions"], states["replay"]
+    if "cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
+
+
+def check_parameters(agent, step):
+    finite = torch.stack([torch.isfinite(p).all() for p in agent.parameters()])
+    if not bool(finite.all()):
+        raise NonFiniteError(f"a parameter became NaN or inf by agent step {step}")
+
+
+def save_checkpoint(run_dir, args, loop, agent, buffer, env, eval_env, action_rng, logs):
+    """Replay slots added since the last checkpoint, then one file with everything else."""
+    check_parameters(agent, loop["agent_step"])  # never write a poisoned checkpoint
+    folder = os.path.join(run_dir, "checkpoints")
+    os.makedirs(folder, exist_ok=True)
+    buffer.save_chunk(folder, loop["replay_saved"])
+    loop["replay_saved"] = buffer.t
+    payload = {"format": 1, "config": maths_config(args), "loop": {**loop, "episode_metrics": [
+                   (s, {k: v.cpu() for k, v in m.items()}) for s, m in loop["episode_metrics"]]},
+               "agent": agent.state_dict(), "rng": rng_states(action_rng, buffer),
+               "env": env.state_dict(), "eval_env": eval_env.state_dict(),
+               "csv_bytes": {name: log.file.tell() for name, log in logs.items()}}
+    path = os.path.join(folder, f"ckpt_{loop['env_step']:010d}_{buffer.t:012d}.pt")
+    with atomic_write(path) as f:
+        torch.save(payload, f)
+    kept = checkpoints(run_dir)
+    for _, _, old in kept[:-(args.keep_checkpoints + 1)]:
+        os.remove(old)
+    oldest_slots = kept[-(args.keep_checkpoints + 1):][0][1]
+    for _, end, chunk in replay_chunks(folder):
+        if end <= oldest_slots - buffer.size:  # overwritten in the ring of every kept checkpoint
+            os.remove(chunk)
+    return path
+
+
+def load_checkpoint(run_dir, args, agent, buffer, env, eval_env, action_rng, device):
+    """Restore everything save_checkpoint wrote; refuse unreadable or foreign checkpoints (UsageError)."""
+    found = checkpoints(run_dir)
+    step, slots, path = found[-1]
+    older = ", ".join(os.path.basename(p) for _, _, p in found[:-1]) or "none"
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=False)  # our own file: numpy states inside
+        loop = payload["loop"]
+    except Exception as e:
+        raise UsageError(f"checkpoint {path} is unreadable ({e.__class__.__name__}: truncated or corrupt); "
+                         f"older checkpoints: {older}; move it aside to resume from an older one") from None
+    if payload.get("format") != 1 or payload.get("config") != maths_config(args):
+        theirs = payload.get("config") or {}
+        diff = sorted(k for k in set(theirs) | set(maths_config(args)) if theirs.get(k) != maths_config(args).get(k))
+        raise UsageError(f"checkpoint {path} was written by an incompatible configuration "
+                         f"(differs in {', '.join(diff[:3]) or 'format'}); it cannot continue this run")
+    for name, size in payload["csv_bytes"].items():
+        if os.path.getsize(os.path.join(run_dir, name)) < size:
+            raise UsageError(f"{os.path.join(run_dir, name)} is shorter than checkpoint {path} recorded; the run folder is damaged")
+    # Accepted: from here on the run folder is rewound to the checkpoint.
+    agent.load_state_dict(payload["agent"])
+    buffer.load_chunks(os.path.join(run_dir, "checkpoints"), slots)
+    env.load_state_dict(payload["env"])
+    eval_env.load_state_dict(payload["eval_env"])
+    set_rng_states(payload["rng"], action_rng, buffer)
+    for name, size in payload["csv_bytes"].items():  # drop rows written after the checkpoint
+        with open(os.path.join(run_dir, name), "r+b") as f:
+            f.truncate(size)
+    for start, end, chunk in replay_chunks(os.path.join(run_dir, "checkpoints")):
+        if end > slots:  # written after this checkpoint by the run that stopped
+            os.remove(chunk)
+    loop["episode_metrics"] = [(s, {k: v.to(device) for k, v in m.items()}) for s, m in loop["episode_metrics"]]
+    return loop, path
+
+
+def export_model(run_dir, args, agent):
+    """RUN_DIR/model.pt: the trained networks alone, for torch.load(..., weights_only=True)."""
+    weights = {k: m.state_dict() for k, m in agent.modules().items()}
+    with atomic_write(os.path.join(run_dir, "model.pt")) as f:
+        torch.save({**weights, "log_alpha": agent.log_alpha.detach().cpu(), "config": maths_config(args)}, f)
+
+
 # ============================================================================ training loop
 def pick_device(name):
     return torch.device("cuda" if name == "auto" and torch.cuda.is_available() else
@@ -768,13 +1031,12 @@ def versions():
     return out
 
 
-def time_one_update(agent, buffer_args, batch_size, device):
+def time_one_update(agent, obs_shape, action_dim, batch_size, device):
     """Seconds per update, measured on a throwaway copy of the agent (the run's RNG is untouched)."""
-    obs_shape, action_dim = buffer_args
     probe = copy.deepcopy(agent)
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        dtype = torch.uint8 if len(obs_shape) == 3 else torch.float32
-        obs = torch.zeros((batch_size, *obs_shape), dtype=dtype, device=device)
+        obs = torch.zeros((batch_size, *obs_shape), dtype=torch.uint8 if len(obs_shape) == 3 else torch.float32,
+                          device=device)
         batch = (obs, torch.zeros(batch_size, action_dim, device=device), torch.zeros(batch_size, 1, device=device),
                  obs, torch.ones(batch_size, 1, device=device))
         times = []
@@ -787,120 +1049,171 @@ def time_one_update(agent, buffer_args, batch_size, device):
     return sum(times[2:]) / 2
 
 
+def episode_means(episode_metrics):
+    """Mean of each metric over the episode's updates; one host sync per metric, per episode.
+    Raises NonFiniteError naming the first NaN or inf loss and the agent step it appeared at."""
+    means = {}
+    for key in METRICS:
+        steps = [s for s, m in episode_metrics if key in m]
+        if steps:
+            values = torch.stack([m[key] for _, m in episode_metrics if key in m]).cpu()
+            bad = (~torch.isfinite(values)).nonzero()
+            if len(bad):
+                i = int(bad[0])
+                raise NonFiniteError(f"{key} became {values[i].item()} at agent step {steps[i]}")
+            means[key] = values.mean().item()
+    return means
+
+
 def train(args):
     device = pick_device(args.device)
     seed_everything(args.seed)
-    rng = np.random.default_rng(args.seed)  # random actions of the first --init-steps
+    action_rng = np.random.default_rng(args.seed)  # the uniform actions of the first --init-steps
     env_kwargs = dict(obs=args.obs, image_size=args.image_size, frame_stack=args.frame_stack,
                       action_repeat=args.action_repeat)
     env = DMCEnv(args.domain, args.task, args.seed, **env_kwargs)
     eval_env = DMCEnv(args.domain, args.task, args.seed + EVAL_SEED_OFFSET, **env_kwargs)
     obs = env.reset()  # renders once: a GL failure shows here, before the run folder exists
-
     repeat = args.action_repeat
-    agent_steps_total = math.ceil(args.total_steps / repeat)
-    capacity = min(args.buffer_size, agent_steps_total)
     buffer = ReplayBuffer(env.frame_shape, np.uint8 if args.obs == "pixels" else np.float32, args.frame_stack,
-                          env.action_dim, capacity, env.episode_length, seed=args.seed, device=device)
+                          env.action_dim, args.buffer_size, env.episode_length, seed=args.seed, device=device)
     agent = SACAE(env.obs_shape, env.action_dim, device, args)
+    run_dir = args.out_dir
+    logs = {}
 
-    os.makedirs(args.out_dir, exist_ok=True)
-    config = {**vars(args), "device_resolved": str(device), "buffer_capacity": capacity,
-              "episode_length_agent_steps": env.episode_length, "versions": versions()}
-    with open(os.path.join(args.out_dir, "config.json"), "w") as f:
-        json.dump(config, f, indent=2)
+    if args.resume:
+        loop, path = load_checkpoint(run_dir, args, agent, buffer, env, eval_env, action_rng, device)
+        obs = env.observation()
+        print(f"[resume] {run_dir} from {os.path.basename(path)}: env step {loop['env_step']}, "
+              f"agent step {loop['agent_step']}, {loop['updates']} updates", flush=True)
+    else:
+        os.makedirs(run_dir, exist_ok=True)
+        config = {**vars(args), "device_resolved": str(device), "episode_length_agent_steps": env.episode_length,
+                  "versions": versions()}
+        with atomic_write(os.path.join(run_dir, "config.json")) as f:
+            f.write(json.dumps(config, indent=2).encode())
+        loop = {"env_step": 0, "agent_step": 0, "episode": 0, "updates": 0, "next_eval": 0, "last_eval": -1,
+                "next_checkpoint": args.checkpoint_freq, "episode_return": 0.0, "episode_env_steps": 0,
+                "episode_metrics": [], "wall_time": 0.0, "replay_saved": 0}
+        buffer.add_first(obs)
     if args.save_video:
-        os.makedirs(os.path.join(args.out_dir, "video"), exist_ok=True)
-    eval_log = CSVLog(os.path.join(args.out_dir, "eval.csv"), EVAL_FIELDS)
-    train_log = CSVLog(os.path.join(args.out_dir, "train.csv"), TRAIN_FIELDS)
+        os.makedirs(os.path.join(run_dir, "video"), exist_ok=True)
+    logs["eval.csv"] = CSVLog(os.path.join(run_dir, "eval.csv"), EVAL_FIELDS)
+    logs["train.csv"] = CSVLog(os.path.join(run_dir, "train.csv"), TRAIN_FIELDS)
 
     print(f"[setup] {args.domain}-{args.task} seed {args.seed} | obs {args.obs} decoder {args.decoder} | "
           f"action repeat {repeat}{'' if args.domain in ACTION_REPEAT else ' (default for unlisted domains)'} | "
-          f"device {device} | replay {capacity:,} transitions, {buffer.nbytes / 2**30:.2f} GiB "
-          f"({buffer.bytes_per_transition:,.0f} B each) | {args.out_dir}", flush=True)
+          f"device {device} | replay {args.buffer_size:,} transitions, {buffer.nbytes / 2**30:.2f} GiB "
+          f"({buffer.bytes_per_transition:,.0f} B each) | {run_dir}", flush=True)
 
-    # Timing, for the ETA: one update on a copy of the agent, and the environment as it runs.
-    sec_update = time_one_update(agent, (env.obs_shape, env.action_dim), args.batch_size, device)
+    # Timing, for the ETA: one update on a copy of the agent, then the loop's own measurements.
+    sec_update = time_one_update(agent, env.obs_shape, env.action_dim, args.batch_size, device)
     sec_env = 0.0
-    updates_left = max(0, agent_steps_total - args.init_steps) + (args.init_updates if agent_steps_total > args.init_steps else 0)
-    eval_steps = args.eval_episodes * env.episode_length * (args.total_steps // args.eval_freq + 2)
-    print(f"[eta] one update takes {sec_update * 1000:.0f} ms on {device}: {updates_left:,} updates need about "
-          f"{duration(updates_left * sec_update)} before environment time"
-          + (" -- a full pixel run is a GPU job" if device.type == "cpu" and updates_left * sec_update > 6 * 3600 else ""),
+    total_agent_steps = math.ceil(args.total_steps / repeat)
+    left = max(0, total_agent_steps - max(loop["agent_step"], args.init_steps))
+    if loop["agent_step"] <= args.init_steps < total_agent_steps:
+        left += args.init_updates
+    print(f"[eta] one update takes {sec_update * 1000:.0f} ms on {device}: {left:,} updates to go need about "
+          f"{duration(left * sec_update)} before environment time"
+          + (" -- a full pixel run is a GPU job" if device.type == "cpu" and left * sec_update > 6 * 3600 else ""),
           flush=True)
 
-    start = time.time()
-    env_step = agent_step = episode = updates = 0
-    next_eval = 0
-    episode_return, episode_start, episode_env_steps = 0.0, time.time(), 0
-    sums, counts = {}, {}
-    buffer.add_first(obs)
+    stop = {}
+
+    def on_signal(signum, frame):
+        if stop:
+            raise KeyboardInterrupt  # a second signal: leave at once, without a checkpoint
+        stop["signum"] = signum
+        print(f"[signal] {signal.Signals(signum).name}: finishing this step, then writing a checkpoint "
+              "(send it again to quit without one)", flush=True)
+
+    handlers = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    start = time.time() - loop["wall_time"]
+    episode_start = time.time()
+    L = loop
 
     def run_eval():
-        video = os.path.join(args.out_dir, "video", f"eval_{env_step}.mp4") if args.save_video else None
+        video = os.path.join(run_dir, "video", f"eval_{L['env_step']}.mp4") if args.save_video else None
         agent.train(False)
         returns = evaluate(eval_env, agent, args.eval_episodes, video)
         agent.train(True)
-        row = {"env_step": env_step, "agent_step": agent_step, "episode_return_mean": float(np.mean(returns)),
+        row = {"env_step": L["env_step"], "agent_step": L["agent_step"], "episode_return_mean": float(np.mean(returns)),
                "episode_return_std": float(np.std(returns)), "episode_return_min": float(np.min(returns)),
-               "episode_return_max": float(np.max(returns)), "episodes": len(returns),
-               "wall_time": time.time() - start}
-        eval_log.write(row)
-        print(f"[eval] env_step {env_step} (agent {agent_step}) | return {row['episode_return_mean']:.1f} "
+               "episode_return_max": float(np.max(returns)), "episodes": len(returns), "wall_time": time.time() - start}
+        logs["eval.csv"].write(row)
+        print(f"[eval] env_step {L['env_step']} (agent {L['agent_step']}) | return {row['episode_return_mean']:.1f} "
               f"+- {row['episode_return_std']:.1f} over {len(returns)} episodes", flush=True)
 
-    while True:
-        if env_step >= next_eval:
-            run_eval()
-            next_eval = (env_step // args.eval_freq + 1) * args.eval_freq
-        if env_step >= args.total_steps:
-            break
+    try:
+        while True:
+            finished = L["env_step"] >= args.total_steps
+            if L["env_step"] >= L["next_eval"] or (finished and L["last_eval"] != L["env_step"]):
+                run_eval()
+                L["last_eval"] = L["env_step"]
+                L["next_eval"] = (L["env_step"] // args.eval_freq + 1) * args.eval_freq
+            if stop or finished or L["env_step"] >= L["next_checkpoint"]:
+                episode_means(L["episode_metrics"])  # raises before a poisoned checkpoint is written
+                L["next_checkpoint"] = (L["env_step"] // args.checkpoint_freq + 1) * args.checkpoint_freq
+                L["wall_time"] = time.time() - start
+                path = save_checkpoint(run_dir, args, L, agent, buffer, env, eval_env, action_rng, logs)
+            if stop:
+                print(f"[stopped] checkpoint {path}; resume with: python {sys.argv[0]} --resume {run_dir}", flush=True)
+                return 128 + stop["signum"]
+            if finished:
+                break
 
-        if agent_step < args.init_steps:
-            action = rng.uniform(-1.0, 1.0, env.action_dim).astype(np.float32)
-        else:
-            action = agent.act(obs)
-        if agent_step >= args.init_steps:
+            if L["agent_step"] < args.init_steps:
+                action = action_rng.uniform(-1.0, 1.0, env.action_dim).astype(np.float32)
+            else:
+                action = agent.act(obs)
+            if L["agent_step"] >= args.init_steps:
+                n = args.init_updates if L["agent_step"] == args.init_steps else 1
+                t0 = time.perf_counter()
+                for _ in range(n):
+                    L["episode_metrics"].append((L["agent_step"], agent.update(buffer.sample(args.batch_size), L["agent_step"])))
+                L["updates"] += n
+                sec_update = 0.9 * sec_update + 0.1 * (time.perf_counter() - t0) / n
+
             t0 = time.perf_counter()
-            for _ in range(args.init_updates if agent_step == args.init_steps else 1):
-                for k, v in agent.update(buffer.sample(args.batch_size), agent_step).items():
-                    sums[k] = sums.get(k, 0.0) + v
-                    counts[k] = counts.get(k, 0) + 1
-                updates += 1
-            sec_update = 0.9 * sec_update + 0.1 * (time.perf_counter() - t0) / (args.init_updates if agent_step == args.init_steps else 1)
+            obs, reward, discount, done, steps = env.step(action)
+            sec_env = 0.99 * sec_env + 0.01 * (time.perf_counter() - t0) if sec_env else time.perf_counter() - t0
+            buffer.add(action, reward, discount, obs)
+            L["agent_step"] += 1
+            L["env_step"] += steps
+            L["episode_env_steps"] += steps
+            L["episode_return"] += reward
 
-        t0 = time.perf_counter()
-        obs, reward, discount, done, steps = env.step(action)
-        sec_env = 0.99 * sec_env + 0.01 * (time.perf_counter() - t0) if sec_env else time.perf_counter() - t0
-        buffer.add(action, reward, discount, obs)
-        agent_step += 1
-        env_step += steps
-        episode_env_steps += steps
-        episode_return += reward
+            if done or L["env_step"] >= args.total_steps:
+                fps = L["episode_env_steps"] / max(time.time() - episode_start, 1e-9)
+                row = {"env_step": L["env_step"], "agent_step": L["agent_step"], "episode": L["episode"],
+                       "episode_return": L["episode_return"], "episode_length": L["episode_env_steps"],
+                       "updates": L["updates"], "fps": fps, "wall_time": time.time() - start,
+                       **episode_means(L["episode_metrics"])}
+                logs["train.csv"].write(row)
+                steps_left = math.ceil((args.total_steps - L["env_step"]) / repeat)
+                evals_left = (args.total_steps - L["env_step"]) // args.eval_freq + 1
+                eta = steps_left * (sec_update + sec_env) + evals_left * args.eval_episodes * env.episode_length * sec_env
+                print(f"[train] env_step {L['env_step']} (agent {L['agent_step']}) | episode {L['episode']} | "
+                      f"return {L['episode_return']:.1f} | fps {fps:.1f} | eta {duration(eta)}", flush=True)
+                L.update(episode=L["episode"] + 1, episode_return=0.0, episode_env_steps=0, episode_metrics=[])
+                episode_start = time.time()
+                if done:
+                    obs = env.reset()
+                    buffer.add_first(obs)
+    except NonFiniteError as e:
+        last = latest_checkpoint(run_dir)
+        raise NonFiniteError(f"{e} (env step about {L['env_step']}); stopped without writing a checkpoint; "
+                             f"last good checkpoint: {last or 'none yet'}") from None
+    finally:
+        for s, h in handlers.items():
+            signal.signal(s, h)
+        for log in logs.values():
+            log.close()
 
-        if done or env_step >= args.total_steps:
-            elapsed = time.time() - episode_start
-            fps = episode_env_steps / max(elapsed, 1e-9)
-            row = {"env_step": env_step, "agent_step": agent_step, "episode": episode, "episode_return": episode_return,
-                   "episode_length": episode_env_steps, "updates": updates, "fps": fps, "wall_time": time.time() - start}
-            row.update({k: (sums[k] / counts[k]).item() for k in sums})
-            train_log.write(row)
-            steps_left = math.ceil((args.total_steps - env_step) / repeat)
-            evals_left = (args.total_steps - env_step) // args.eval_freq + 1
-            eta = steps_left * (sec_update + sec_env) + evals_left * args.eval_episodes * env.episode_length * sec_env
-            print(f"[train] env_step {env_step} (agent {agent_step}) | episode {episode} | return {episode_return:.1f} | "
-                  f"fps {fps:.1f} | eta {duration(eta)}", flush=True)
-            sums, counts = {}, {}
-            episode += 1
-            episode_return, episode_start, episode_env_steps = 0.0, time.time(), 0
-            if done:
-                obs = env.reset()
-                buffer.add_first(obs)
-
-    eval_log.close()
-    train_log.close()
-    print(f"[done] {env_step} environment steps in {duration(time.time() - start)}; run folder {args.out_dir}", flush=True)
-    return args.out_dir
+    export_model(run_dir, args, agent)
+    print(f"[done] {L['env_step']} environment steps in {duration(time.time() - start)}; weights in "
+          f"{os.path.join(run_dir, 'model.pt')}; run folder {run_dir}", flush=True)
+    return 0
 
 
 # ============================================================================ benchmark
@@ -975,14 +1288,17 @@ def benchmark(args):
 def main(argv=None):
     args = parse_args(argv)
     try:
-        benchmark(args) if args.benchmark else train(args)
+        return benchmark(args) if args.benchmark else train(args)
     except UsageError as e:
         print(f"sac_ae.py: error: {e}", file=sys.stderr)
         return 2
-    except RenderError as e:
+    except (RenderError, NonFiniteError) as e:
         print(f"sac_ae.py: error: {e}", file=sys.stderr)
         return 1
-    return 0
+    except KeyboardInterrupt:
+        print(f"sac_ae.py: interrupted twice: no checkpoint written; resume from the last one with "
+              f"--resume {args.out_dir}", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -561,3 +561,168 @@ def test_benchmark_prints_the_final_line():
     assert float(fields["ms_per_update"]) > 0 and float(fields["env_steps_per_s"]) > 0
     assert int(fields["replay_bytes_per_transition"]) > 3 * 32 * 32
     assert (fields["device"], fields["precision"]) == ("cpu", "fp32")
+
+
+# ---------------------------------------------------------------------------- checkpoints and resume
+import hashlib
+import shutil
+import signal
+import time
+
+TINY_RUN = ["--domain", "cartpole", "--task", "swingup", "--seed", "2", "--total-steps", "1000", "--init-steps", "30",
+            "--eval-freq", "400", "--eval-episodes", "1", "--checkpoint-freq", "200", "--batch-size", "8",
+            "--image-size", "32", "--hidden-dim", "32", "--num-filters", "8", "--device", "cpu"]
+
+
+def logged_rows(run_dir):
+    """eval.csv and train.csv without their wall-clock columns."""
+    out = {}
+    for name in ("eval.csv", "train.csv"):
+        out[name] = [{k: v for k, v in r.items() if k not in ("wall_time", "fps")} for r in read_csv(run_dir / name)]
+    return out
+
+
+def final_weights(run_dir):
+    return torch.load(run_dir / "model.pt", weights_only=True)
+
+
+def assert_same_run(a, b):
+    assert logged_rows(a) == logged_rows(b)
+    wa, wb = final_weights(a), final_weights(b)
+    for module in ("critic", "critic_target", "actor", "decoder"):
+        for name, value in wa[module].items():
+            assert torch.equal(value, wb[module][name]), f"{module}.{name}"
+    assert torch.equal(wa["log_alpha"], wb["log_alpha"])
+
+
+def folder_digest(path):
+    return {str(p.relative_to(path)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(path.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def reference_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("ref") / "run"
+    result = run_cli(*TINY_RUN, "--out-dir", str(out))
+    assert result.returncode == 0, result.stderr[-2000:]
+    return out
+
+
+def start_and_kill_at(tmp_path, marker, sig, delay=0.0):
+    """Start TINY_RUN; `delay` seconds after stdout shows `marker` (after the first checkpoint), send `sig`."""
+    out = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, SCRIPT, *TINY_RUN, "--out-dir", str(out)], stdout=subprocess.PIPE,
+                            stderr=subprocess.DEVNULL, text=True, env=dict(os.environ, PYTHONUNBUFFERED="1"), cwd=HERE)
+    seen = []
+    for line in proc.stdout:
+        seen.append(line)
+        if marker in line and list((out / "checkpoints").glob("ckpt_*.pt")):
+            time.sleep(delay)
+            proc.send_signal(sig)
+            break
+    rest = proc.stdout.read()
+    proc.wait(timeout=300)
+    return out, proc.returncode, "".join(seen) + rest
+
+
+@pytest.mark.parametrize("delay", [0.0, 2.0])  # at the evaluation boundary at 400; mid-episode after it
+def test_sigkill_then_resume_equals_uninterrupted_run(tmp_path, reference_run, delay):
+    out, code, _ = start_and_kill_at(tmp_path, "[eval] env_step 400", signal.SIGKILL, delay)
+    assert code == -signal.SIGKILL and not (out / "model.pt").exists()
+    result = run_cli("--resume", str(out))
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "[resume]" in result.stdout
+    assert_same_run(out, reference_run)
+
+
+def test_sigint_writes_a_checkpoint_and_the_run_resumes(tmp_path, reference_run):
+    out, code, stdout = start_and_kill_at(tmp_path, "[eval] env_step 400", signal.SIGINT, delay=1.0)
+    assert code == 130 and "resume with" in stdout
+    result = run_cli("--resume", str(out))
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert_same_run(out, reference_run)
+
+
+def test_resume_extends_a_finished_run_and_ignores_a_half_written_checkpoint(tmp_path, reference_run):
+    out = tmp_path / "run"
+    short = [a if a != "1000" else "400" for a in TINY_RUN]
+    assert run_cli(*short, "--out-dir", str(out)).returncode == 0
+    # A crash between writing and renaming the next checkpoint leaves a .tmp and maybe a replay chunk.
+    (out / "checkpoints" / "ckpt_0000000600_000000000077.pt.tmp").write_bytes(b"partial")
+    config = json.loads((out / "config.json").read_text())
+    assert config["buffer_size"] == 50  # resolved from the first --total-steps, kept on resume
+    result = run_cli("--resume", str(out), "--total-steps", "1000")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert [r["env_step"] for r in read_csv(out / "eval.csv")] == ["0", "400", "800", "1000"]
+
+
+def test_truncated_checkpoint_is_refused_and_the_folder_left_as_it_was(tmp_path, reference_run):
+    out = tmp_path / "run"
+    shutil.copytree(reference_run, out)
+    latest = sorted((out / "checkpoints").glob("ckpt_*.pt"))[-1]
+    latest.write_bytes(latest.read_bytes()[: latest.stat().st_size // 2])
+    before = folder_digest(out)
+    result = run_cli("--resume", str(out), "--total-steps", "2000")
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2 and len(lines) == 1 and "unreadable" in lines[0], result.stderr
+    assert folder_digest(out) == before
+
+
+@pytest.mark.parametrize("setup,argv,needle", [
+    ("missing", [], "no such folder"),
+    ("empty", [], "config.json"),
+    ("no_ckpt", [], "no checkpoint"),
+    ("ok", ["--batch-size", "16"], "--batch-size cannot be given with --resume"),
+    ("foreign", [], "incompatible configuration"),
+])
+def test_bad_resume_is_one_line_exit_2_and_changes_nothing(tmp_path, reference_run, setup, argv, needle):
+    out = tmp_path / "run"
+    if setup != "missing":
+        out.mkdir()
+    if setup in ("no_ckpt", "ok", "foreign"):
+        shutil.copy(reference_run / "config.json", out / "config.json")
+    if setup in ("ok", "foreign"):
+        shutil.copytree(reference_run / "checkpoints", out / "checkpoints")
+        for name in ("eval.csv", "train.csv"):
+            shutil.copy(reference_run / name, out / name)
+    if setup == "foreign":
+        config = json.loads((out / "config.json").read_text())
+        config["critic_lr"] = 0.5
+        (out / "config.json").write_text(json.dumps(config))
+    before = folder_digest(out) if out.exists() else None
+    result = run_cli("--resume", str(out), *argv)
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2 and len(lines) == 1 and needle in lines[0], result.stderr
+    assert (folder_digest(out) if out.exists() else None) == before
+
+
+def test_nan_loss_stops_the_run_naming_loss_and_step_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
+    original = sac_ae.SACAE.update
+
+    def poisoned(self, batch, step):
+        metrics = original(self, batch, step)
+        if step == 60:
+            metrics["critic_loss"] = metrics["critic_loss"] * float("nan")
+        return metrics
+
+    monkeypatch.setattr(sac_ae.SACAE, "update", poisoned)
+    args = sac_ae.parse_args([*TINY_RUN, "--out-dir", str(tmp_path / "run")])
+    with pytest.raises(sac_ae.NonFiniteError, match=r"critic_loss became nan at agent step 60 "):
+        sac_ae.train(args)
+    found = sac_ae.checkpoints(str(tmp_path / "run"))
+    assert [step for step, _, _ in found] == [200, 400]  # agent step 60 is env step 480: no checkpoint at 600
+    payload = torch.load(found[-1][2], weights_only=False)
+    assert all(torch.isfinite(v).all() for v in payload["agent"]["critic"].values())
+    assert not (tmp_path / "run" / "model.pt").exists()
+
+
+def test_exported_model_loads_with_plain_torch_load_as_readme_shows(reference_run):
+    import argparse
+    w = torch.load(reference_run / "model.pt", weights_only=True)
+    args = argparse.Namespace(**w["config"])
+    env = sac_ae.DMCEnv(args.domain, args.task, seed=0, obs=args.obs, image_size=args.image_size,
+                        frame_stack=args.frame_stack, action_repeat=args.action_repeat)
+    agent = sac_ae.SACAE(env.obs_shape, env.action_dim, torch.device("cpu"), args)
+    agent.critic.load_state_dict(w["critic"])
+    agent.actor.load_state_dict(w["actor"])
+    action = agent.act(env.reset(), deterministic=True)
+    assert action.shape == (1,) and torch.equal(agent.actor.policy[0].weight, w["actor"]["policy.0.weight"])

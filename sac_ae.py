@@ -129,9 +129,10 @@ def build_parser():
     g.add_argument("--obs", default="pixels", choices=["pixels", "state"],
                    help="pixels: SAC+AE from images; state: SAC on proprioceptive states, no "
                    "encoder or decoder (the paper's upper baseline, SAC:state)")
-    g.add_argument("--decoder", default=None, choices=["pixel", "none"],
-                   help="pixel: reconstruct the observation (SAC+AE); none: no reconstruction "
-                   "(SAC:pixel, the lower baseline) [default: pixel with --obs pixels]")
+    g.add_argument("--decoder", default=None, choices=["pixel", "vae", "none"],
+                   help="pixel: deterministic regularized autoencoder (SAC+AE); vae: beta-VAE with a "
+                   "stochastic encoder head (Sec. 4); none: no reconstruction (SAC:pixel, the lower "
+                   "baseline) [default: pixel with --obs pixels]")
     g.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
                    help="auto picks cuda when available")
     g.add_argument("--out-dir", default=None,
@@ -199,6 +200,16 @@ def build_parser():
     g.add_argument("--decoder-latent-lambda", type=nonnegative_float, default=1e-6, help="weight of the latent penalty 0.5||z||^2 (RAE)")
     g.add_argument("--ae-update-freq", type=positive_int, default=1, help="autoencoder step every N updates")
     g.add_argument("--ae-bits", type=positive_int, default=5, help="bit depth of the reconstruction target")
+    g.add_argument("--ae-grad", default="end-to-end", choices=["end-to-end", "separate"],
+                   help="end-to-end: the critic's gradient also trains the encoder (SAC+AE, Sec. 4.4/5); "
+                   "separate: only the reconstruction loss does, RL heads read a detached latent (Sec. 4.3)")
+    g.add_argument("--vae-beta", type=nonnegative_float, default=1e-4,
+                   help="weight of the KL term with --decoder vae (our default; the paper's value is in its appendix)")
+    g.add_argument("--load-encoder", default=None, metavar="PATH",
+                   help="initialise the conv trunk and encoder heads from a run folder (its model.pt) or a "
+                   "model.pt / checkpoint file (transfer, Fig. 7)")
+    g.add_argument("--freeze-encoder", action="store_true",
+                   help="with --load-encoder: keep the loaded conv trunk and critic encoder head fixed")
     return p
 
 
@@ -257,9 +268,17 @@ def resolve_args(args):
     tasks = sorted(t for d, t in suite.ALL_TASKS if d == args.domain)
     if args.task not in tasks:
         raise UsageError(f"unknown task '{args.task}' for domain {args.domain}; valid tasks: {', '.join(tasks)}")
-    if args.obs == "state" and args.decoder == "pixel":
-        raise UsageError("--decoder pixel needs --obs pixels (with --obs state there is no image to reconstruct)")
+    if args.obs == "state" and args.decoder in ("pixel", "vae"):
+        raise UsageError(f"--decoder {args.decoder} needs --obs pixels (with --obs state there is no image to reconstruct)")
+    if args.obs == "state" and (args.load_encoder or args.freeze_encoder):
+        raise UsageError("--load-encoder and --freeze-encoder need --obs pixels (states have no encoder)")
+    if args.freeze_encoder and not args.load_encoder:
+        raise UsageError("--freeze-encoder needs --load-encoder PATH (a random encoder would stay random)")
+    if args.load_encoder and not os.path.exists(args.load_encoder):
+        raise UsageError(f"--load-encoder {args.load_encoder}: no such file or folder")
     args.decoder = args.decoder or ("pixel" if args.obs == "pixels" else "none")
+    if args.ae_grad == "separate" and args.decoder == "none":
+        raise UsageError("--ae-grad separate needs a decoder (pixel or vae): without one the encoder would never learn")
     args.action_repeat = args.action_repeat or ACTION_REPEAT.get(args.domain, DEFAULT_REPEAT)
     args.frame_stack = args.frame_stack or (3 if args.obs == "pixels" else 1)
     args.init_updates = args.init_updates or args.init_steps
@@ -312,9 +331,16 @@ class DMCEnv:
     def state_dim(self):
         return sum(int(np.prod(s.shape)) for s in self.env.observation_spec().values())
 
+    @property
+    def state_groups(self):
+        """(name, size) of the task's proprioceptive observations, e.g. position, velocity."""
+        return [(k, int(np.prod(s.shape))) for k, s in self.env.observation_spec().items()]
+
     def _frame(self, time_step):
+        # The true proprioceptive state, always kept: the linear probe of the latent (Fig. 6) reads it.
+        self.state = np.concatenate([np.asarray(v, np.float32).ravel() for v in time_step.observation.values()])
         if self.obs_type == "state":
-            return np.concatenate([np.asarray(v, np.float32).ravel() for v in time_step.observation.values()])
+            return self.state
         try:
             image = self.env.physics.render(self.image_size, self.image_size, camera_id=self.camera_id)
         except Exception as e:
@@ -549,7 +575,7 @@ class Encoder(nn.Module):
     With --obs state both parts are identities: SAC reads the state itself.
     """
 
-    def __init__(self, trunk, feature_dim=None):
+    def __init__(self, trunk, feature_dim=None, stochastic=False):
         super().__init__()
         self.trunk = trunk
         if isinstance(trunk, nn.Identity):
@@ -557,10 +583,18 @@ class Encoder(nn.Module):
         else:
             self.head = nn.Sequential(nn.Linear(trunk.out_dim, feature_dim), nn.LayerNorm(feature_dim), nn.Tanh())
             self.feature_dim = feature_dim
+        # beta-VAE (Sec. 4): the head above gives the posterior mean, which the RL heads read; this
+        # one its log-variance, used only by the reconstruction step.
+        self.log_var = nn.Linear(trunk.out_dim, feature_dim) if stochastic else None
 
     def forward(self, obs, detach_trunk=False):  # (B, 9, 84, 84) -> (B, 50)
         h = self.trunk(obs)
         return self.head(h.detach() if detach_trunk else h)
+
+
+def kl_to_standard_normal(mu, log_var):
+    """KL(N(mu, exp(log_var)) || N(0, I)), summed over latent dims, averaged over the batch."""
+    return (0.5 * (mu.pow(2) + log_var.exp() - 1 - log_var).sum(dim=1)).mean()
 
 
 class Decoder(nn.Module):
@@ -593,8 +627,9 @@ class Critic(nn.Module):
         self.Q1 = mlp(encoder.feature_dim + action_dim, hidden_dim, 1)
         self.Q2 = mlp(encoder.feature_dim + action_dim, hidden_dim, 1)
 
-    def forward(self, obs, action, detach_trunk=False):
-        return self.q(self.encoder(obs, detach_trunk), action)
+    def forward(self, obs, action, detach_trunk=False, detach_latent=False):
+        z = self.encoder(obs, detach_trunk)
+        return self.q(z.detach() if detach_latent else z, action)
 
     def q(self, z, action):  # (B, 50), (B, A) -> (B, 1), (B, 1)
         za = torch.cat([z, action], dim=-1)
@@ -659,15 +694,19 @@ class SACAE:
         else:
             trunk = nn.Identity()
         # One trunk object, two encoder heads: the critic's and the actor's see the same convs.
-        self.critic = Critic(Encoder(trunk, args.feature_dim if args.obs == "pixels" else obs_shape[0]),
-                             action_dim, args.hidden_dim)
+        self.critic = Critic(Encoder(trunk, args.feature_dim if args.obs == "pixels" else obs_shape[0],
+                                     stochastic=args.decoder == "vae"), action_dim, args.hidden_dim)
         self.actor = Actor(Encoder(trunk, self.critic.encoder.feature_dim), action_dim, args.hidden_dim,
                            args.actor_log_std_min, args.actor_log_std_max)
         for module in (self.critic.encoder.head, self.critic.Q1, self.critic.Q2, self.actor.encoder.head, self.actor.policy):
             module.apply(weight_init)
+        if self.critic.encoder.log_var is not None:
+            self.critic.encoder.log_var.apply(weight_init)
+        if args.load_encoder:
+            self.load_encoder(args.load_encoder, freeze=args.freeze_encoder)
         self.critic_target = copy.deepcopy(self.critic)  # its own trunk: the target encoder
         self.decoder = None
-        if args.decoder == "pixel":
+        if args.decoder in ("pixel", "vae"):
             self.decoder = Decoder(obs_shape[0], args.image_size, args.feature_dim, args.num_filters, args.num_conv_layers)
             self.decoder.apply(weight_init)
         self.log_alpha = torch.tensor(math.log(args.init_temperature))
@@ -675,14 +714,16 @@ class SACAE:
         self.to(device)
 
         # The actor's optimizer owns its head and MLP, never the shared trunk.
-        actor_params = [p for n, p in self.actor.named_parameters() if not n.startswith("encoder.trunk.")]
+        actor_params = [p for n, p in self.actor.named_parameters() if not n.startswith("encoder.trunk.") and p.requires_grad]
+        critic_params = [p for p in self.critic.parameters() if p.requires_grad]  # --freeze-encoder leaves some out
         adam = dict(fused=True)  # one kernel per optimizer step
         self.actor_opt = torch.optim.Adam(actor_params, lr=args.actor_lr, betas=(args.actor_beta, 0.999), **adam)
-        self.critic_opt = torch.optim.Adam(self.critic.parameters(), lr=args.critic_lr, betas=(args.critic_beta, 0.999), **adam)
+        self.critic_opt = torch.optim.Adam(critic_params, lr=args.critic_lr, betas=(args.critic_beta, 0.999), **adam)
         self.log_alpha_opt = torch.optim.Adam([self.log_alpha], lr=args.alpha_lr, betas=(args.alpha_beta, 0.999), **adam)
         if self.decoder is not None:
             # The encoder gets a second Adam for the reconstruction step (authors' code).
-            self.encoder_opt = torch.optim.Adam(self.critic.encoder.parameters(), lr=args.encoder_lr, **adam)
+            encoder_params = [p for p in self.critic.encoder.parameters() if p.requires_grad]
+            self.encoder_opt = torch.optim.Adam(encoder_params, lr=args.encoder_lr, **adam) if encoder_params else None
             self.decoder_opt = torch.optim.Adam(self.decoder.parameters(), lr=args.decoder_lr,
                                                 weight_decay=args.decoder_weight_decay, **adam)
         self.actor_params = actor_params
@@ -705,6 +746,27 @@ class SACAE:
         if self.decoder is not None:
             mods["decoder"] = self.decoder
         return mods
+
+    def load_encoder(self, path, freeze=False):
+        """Copy the conv trunk and the encoder heads from another run (transfer, Fig. 7)."""
+        file = os.path.join(path, "model.pt") if os.path.isdir(path) else path
+        try:
+            saved = torch.load(file, map_location="cpu", weights_only=False)
+            saved = saved["agent"] if "agent" in saved else saved  # a checkpoint, or model.pt
+            critic, actor = saved["critic"], saved["actor"]
+        except Exception as e:
+            raise UsageError(f"--load-encoder {path}: cannot read encoder weights from {file} ({e.__class__.__name__})") from None
+        parts = [(self.critic.encoder, critic), (self.actor.encoder, actor)]
+        for encoder, state in parts:
+            mine = {k: v for k, v in encoder.state_dict().items() if not k.startswith("log_var.") or "encoder." + k in state}
+            try:
+                encoder.load_state_dict({k: state["encoder." + k] for k in mine}, strict=False)
+            except (KeyError, RuntimeError) as e:
+                raise UsageError(f"--load-encoder {path}: its encoder does not fit this one (image size, "
+                                 f"filters, layers or feature dim differ: {str(e).splitlines()[0][:120]})") from None
+        if freeze:
+            for encoder, _ in parts:
+                encoder.requires_grad_(False)
 
     def optimizers(self):
         return {k: v for k, v in vars(self).items() if isinstance(v, torch.optim.Optimizer)}
@@ -735,6 +797,18 @@ class SACAE:
         action = torch.tanh(mu) if deterministic else sample_action(mu, log_std)[0]
         return action[0].cpu().numpy()
 
+    @torch.no_grad()
+    def latent(self, obs):
+        """The critic's latent z of one observation (the posterior mean with --decoder vae)."""
+        with self.amp():
+            return self.critic.encoder(torch.as_tensor(obs, device=self.device).unsqueeze(0))[0].float().cpu().numpy()
+
+    @torch.no_grad()
+    def reconstruct(self, obs):
+        with self.amp():
+            z = self.critic.encoder(torch.as_tensor(obs, device=self.device).unsqueeze(0))
+            return self.decoder(z)[0].float().cpu().numpy()
+
     def update(self, batch, step):
         """One update of SPEC 4. `step` is the agent step: even steps also move actor and targets."""
         obs, action, reward, next_obs, not_done = batch
@@ -752,7 +826,7 @@ class SACAE:
         if step % self.args.target_update_freq == 0:
             self.update_targets()
         if do_ae:
-            metrics.update(self.update_autoencoder(obs, z))
+            metrics.update(self.update_autoencoder(obs, h, z))
         return metrics
 
     def update_critic(self, obs, action, reward, next_obs, not_done):
@@ -762,7 +836,8 @@ class SACAE:
             target_v = torch.min(target_q1, target_q2) - self.alpha * next_log_pi
             target_q = reward + not_done * self.args.gamma * target_v  # soft Bellman backup
         with self.amp():
-            q1, q2 = self.critic(obs, action)  # the critic's gradient reaches the encoder (Sec. 5)
+            # SAC+AE: the critic's gradient reaches the encoder (Sec. 5); --ae-grad separate: it does not.
+            q1, q2 = self.critic(obs, action, detach_latent=self.args.ae_grad == "separate")
         loss = F.mse_loss(q1, target_q) + F.mse_loss(q2, target_q)
         self.critic_opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -797,20 +872,35 @@ class SACAE:
             if target_params:  # an identity encoder (--obs state) has none
                 torch._foreach_lerp_(target_params, list(online.parameters()), tau)
 
-    def update_autoencoder(self, obs, z):
-        """RAE loss (Sec. 5): reconstruction + latent penalty; decoder weight decay lives in Adam."""
+    def update_autoencoder(self, obs, h, z):
+        """RAE (Sec. 5): reconstruction + latent penalty, decoder weight decay in Adam; or beta-VAE
+        (Sec. 4): reconstruction of a sampled latent + beta * KL. h: trunk features, z: latent of obs."""
         target = reconstruction_target(obs, self.args.ae_bits)
-        with self.amp():
-            recon = self.decoder(z).float()
-        recon_loss = F.mse_loss(recon, target)
-        latent_loss = (0.5 * z.pow(2).sum(dim=1)).mean()
-        loss = recon_loss + self.args.decoder_latent_lambda * latent_loss
-        self.encoder_opt.zero_grad(set_to_none=True)
-        self.decoder_opt.zero_grad(set_to_none=True)
+        metrics = {}
+        if self.args.decoder == "vae":
+            with self.amp():
+                log_var = self.critic.encoder.log_var(h).float()
+            sample = z + torch.randn_like(z) * (0.5 * log_var).exp()  # reparameterised
+            kl = kl_to_standard_normal(z, log_var)
+            with self.amp():
+                recon = self.decoder(sample).float()
+            recon_loss = F.mse_loss(recon, target)
+            loss = recon_loss + self.args.vae_beta * kl
+            metrics["kl"] = kl.detach()
+        else:
+            with self.amp():
+                recon = self.decoder(z).float()
+            recon_loss = F.mse_loss(recon, target)
+            latent_loss = (0.5 * z.pow(2).sum(dim=1)).mean()
+            loss = recon_loss + self.args.decoder_latent_lambda * latent_loss
+        for opt in (self.encoder_opt, self.decoder_opt):  # no encoder_opt with --freeze-encoder
+            if opt is not None:
+                opt.zero_grad(set_to_none=True)
         loss.backward()
-        self.encoder_opt.step()
-        self.decoder_opt.step()
-        return {"ae_loss": loss.detach(), "recon_loss": recon_loss.detach()}
+        for opt in (self.encoder_opt, self.decoder_opt):
+            if opt is not None:
+                opt.step()
+        return {"ae_loss": loss.detach(), "recon_loss": recon_loss.detach(), **metrics}
 
     def train(self, training=True):
         for m in self.modules().values():
@@ -818,22 +908,60 @@ class SACAE:
 
 
 # ============================================================================ evaluation
-def evaluate(env, agent, episodes, video_path=None):
-    """Deterministic policy (tanh of the mean) on the evaluation environment; returns episode returns."""
-    returns, frames = [], []
+def evaluate(env, agent, episodes, video_path=None, probe=False):
+    """Deterministic policy (tanh of the mean) on the evaluation environment.
+
+    Returns the episode returns and, with probe=True, the critic's latent and the true state of
+    every visited observation, and one observation from the first episode to reconstruct.
+    """
+    returns, frames, latents, states, sample = [], [], [], [], None
     for episode in range(episodes):
-        obs, done, total = env.reset(), False, 0.0
+        obs, done, total, t = env.reset(), False, 0.0, 0
         record = video_path is not None and episode == 0
         while not done:
             if record:
                 frames.append(env.render(256))
+            if probe:
+                latents.append(agent.latent(obs))
+                states.append(env.state)
+            if episode == 0 and t == 10:
+                sample = obs  # far enough in for the three stacked frames to differ
             obs, reward, _, done, _ = env.step(agent.act(obs, deterministic=True))
-            total += reward
+            total, t = total + reward, t + 1
         returns.append(total)
     if frames:
         import imageio
         imageio.mimsave(video_path, frames, fps=30)
-    return returns
+    return returns, (np.stack(latents) if probe else None), (np.stack(states) if probe else None), sample
+
+
+def linear_probe(latents, states, groups):
+    """Fig. 6: least-squares map latent -> true state fitted on the first half of the frames, R^2 on
+    the second half. R^2 is per state dimension, averaged over dimensions (those that vary), overall
+    and per group of the task's observations. Returns {"probe_r2": .., "probe_r2_<group>": ..}."""
+    n = len(latents) // 2
+    x = np.concatenate([latents, np.ones((len(latents), 1))], axis=1).astype(np.float64)  # with a bias
+    y = states.astype(np.float64)
+    weights, *_ = np.linalg.lstsq(x[:n], y[:n], rcond=None)
+    residual = ((y[n:] - x[n:] @ weights) ** 2).sum(0)
+    total = ((y[n:] - y[n:].mean(0)) ** 2).sum(0)
+    varies = total > 1e-12
+    r2 = np.where(varies, 1 - residual / np.where(varies, total, 1), np.nan)
+    out, start = {"probe_r2": float(np.nanmean(r2)) if varies.any() else float("nan")}, 0
+    for name, size in groups:
+        part = r2[start:start + size]
+        out[f"probe_r2_{name}"] = float(np.nanmean(part)) if np.isfinite(part).any() else float("nan")
+        start += size
+    return out
+
+
+def reconstruction_image(obs, recon, frame_channels=3):
+    """(k*3, H, W) uint8 observation and its reconstruction in [-0.5, 0.5] -> one (2H, kW, 3) uint8
+    picture: the k stacked frames on top, their reconstructions below."""
+    rebuilt = np.clip((recon + 0.5) * 255.0, 0, 255).round().astype(np.uint8)
+    rows = [np.concatenate([im[i:i + frame_channels].transpose(1, 2, 0) for i in range(0, len(im), frame_channels)], 1)
+            for im in (obs, rebuilt)]
+    return np.concatenate(rows, axis=0)
 
 
 # ============================================================================ logging
@@ -857,9 +985,15 @@ class CSVLog:
 
 EVAL_FIELDS = ["env_step", "agent_step", "episode_return_mean", "episode_return_std", "episode_return_min",
                "episode_return_max", "episodes", "wall_time"]
-METRICS = ["critic_loss", "q", "actor_loss", "alpha_loss", "alpha", "entropy", "ae_loss", "recon_loss"]
+METRICS = ["critic_loss", "q", "actor_loss", "alpha_loss", "alpha", "entropy", "ae_loss", "recon_loss", "kl"]
 TRAIN_FIELDS = ["env_step", "agent_step", "episode", "episode_return", "episode_length", "updates",
                 *METRICS, "fps", "wall_time"]
+
+
+# CleanRL's names, so its users find the curves where they expect them.
+TENSORBOARD_TAGS = {"charts/episodic_return": "episode_return", "charts/SPS": "fps", "losses/qf_loss": "critic_loss",
+                    "losses/actor_loss": "actor_loss", "losses/alpha": "alpha", "losses/alpha_loss": "alpha_loss",
+                    "losses/entropy": "entropy", "losses/ae_loss": "ae_loss", "losses/kl": "kl"}
 
 
 def duration(seconds):
@@ -1098,7 +1232,14 @@ def train(args):
         buffer.add_first(obs)
     if args.save_video:
         os.makedirs(os.path.join(run_dir, "video"), exist_ok=True)
-    logs["eval.csv"] = CSVLog(os.path.join(run_dir, "eval.csv"), EVAL_FIELDS)
+    pixels = args.obs == "pixels"
+    probe_fields = ["probe_r2"] + [f"probe_r2_{name}" for name, _ in eval_env.state_groups] if pixels else []
+    logs["eval.csv"] = CSVLog(os.path.join(run_dir, "eval.csv"), EVAL_FIELDS + probe_fields)
+    if agent.decoder is not None:
+        os.makedirs(os.path.join(run_dir, "recon"), exist_ok=True)
+    from torch.utils.tensorboard import SummaryWriter
+    # On resume, purge_step drops the events logged after the checkpoint, as the CSVs are cut back.
+    tb = SummaryWriter(os.path.join(run_dir, "tb"), purge_step=loop["env_step"] if args.resume else None)
     logs["train.csv"] = CSVLog(os.path.join(run_dir, "train.csv"), TRAIN_FIELDS)
 
     print(f"[setup] {args.domain}-{args.task} seed {args.seed} | obs {args.obs} decoder {args.decoder} | "
@@ -1133,16 +1274,28 @@ def train(args):
     L = loop
 
     def run_eval():
-        video = os.path.join(run_dir, "video", f"eval_{L['env_step']}.mp4") if args.save_video else None
+        step = L["env_step"]
+        video = os.path.join(run_dir, "video", f"eval_{step}.mp4") if args.save_video else None
         agent.train(False)
-        returns = evaluate(eval_env, agent, args.eval_episodes, video)
-        agent.train(True)
-        row = {"env_step": L["env_step"], "agent_step": L["agent_step"], "episode_return_mean": float(np.mean(returns)),
+        returns, latents, states, sample = evaluate(eval_env, agent, args.eval_episodes, video, probe=pixels)
+        row = {"env_step": step, "agent_step": L["agent_step"], "episode_return_mean": float(np.mean(returns)),
                "episode_return_std": float(np.std(returns)), "episode_return_min": float(np.min(returns)),
                "episode_return_max": float(np.max(returns)), "episodes": len(returns), "wall_time": time.time() - start}
+        if pixels:
+            row.update(linear_probe(latents, states, eval_env.state_groups))
+            tb.add_scalar("eval/probe_r2", row["probe_r2"], step)
+        if agent.decoder is not None and sample is not None:
+            picture = reconstruction_image(sample, agent.reconstruct(sample))
+            import imageio
+            imageio.imwrite(os.path.join(run_dir, "recon", f"eval_{step}.png"), picture)
+            tb.add_image("eval/reconstruction", picture, step, dataformats="HWC")
+        agent.train(True)
         logs["eval.csv"].write(row)
-        print(f"[eval] env_step {L['env_step']} (agent {L['agent_step']}) | return {row['episode_return_mean']:.1f} "
-              f"+- {row['episode_return_std']:.1f} over {len(returns)} episodes", flush=True)
+        tb.add_scalar("eval/return", row["episode_return_mean"], step)
+        tb.flush()
+        print(f"[eval] env_step {step} (agent {L['agent_step']}) | return {row['episode_return_mean']:.1f} "
+              f"+- {row['episode_return_std']:.1f} over {len(returns)} episodes"
+              + (f" | probe R^2 {row['probe_r2']:.2f}" if pixels else ""), flush=True)
 
     try:
         while True:
@@ -1190,6 +1343,9 @@ def train(args):
                        "updates": L["updates"], "fps": fps, "wall_time": time.time() - start,
                        **episode_means(L["episode_metrics"])}
                 logs["train.csv"].write(row)
+                for tag, key in TENSORBOARD_TAGS.items():
+                    if key in row:
+                        tb.add_scalar(tag, row[key], L["env_step"])
                 steps_left = math.ceil((args.total_steps - L["env_step"]) / repeat)
                 evals_left = (args.total_steps - L["env_step"]) // args.eval_freq + 1
                 eta = steps_left * (sec_update + sec_env) + evals_left * args.eval_episodes * env.episode_length * sec_env
@@ -1209,6 +1365,7 @@ def train(args):
             signal.signal(s, h)
         for log in logs.values():
             log.close()
+        tb.close()
 
     export_model(run_dir, args, agent)
     print(f"[done] {L['env_step']} environment steps in {duration(time.time() - start)}; weights in "

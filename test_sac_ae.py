@@ -23,7 +23,8 @@ def small_args(*extra):
                               "--num-filters", "4", "--batch-size", "4", *extra])
 
 
-def make_agent(*extra, action_dim=3):
+def make_agent(*extra, action_dim=3, seed=0):
+    torch.manual_seed(seed)  # the same initial weights in every run of a test
     args = small_args(*extra)
     obs_shape = (3 * args.frame_stack, args.image_size, args.image_size) if args.obs == "pixels" else (5,)
     return sac_ae.SACAE(obs_shape, action_dim, torch.device("cpu"), args), args
@@ -250,7 +251,8 @@ def test_decoder_step_moves_conv_and_decoder_weights():
     agent, args = make_agent()
     obs = random_batch(agent, args)[0]
     before, dec_before = conv_params(agent), [p.detach().clone() for p in agent.decoder.parameters()]
-    agent.update_autoencoder(obs, agent.critic.encoder(obs))
+    h = agent.critic.encoder.trunk(obs)
+    agent.update_autoencoder(obs, h, agent.critic.encoder.head(h))
     assert not same(before, agent.critic.encoder.trunk.parameters())
     assert not same(dec_before, agent.decoder.parameters())
 
@@ -303,6 +305,18 @@ def run_cli(*argv, timeout=600):
                           env=env, cwd=HERE)
 
 
+def run_cli_parallel(*argvs, timeout=900):
+    """Several runs side by side, one CPU thread each (the suite has to fit CI's budget)."""
+    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    procs = [subprocess.Popen([sys.executable, SCRIPT, *argv], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True, env=env, cwd=HERE) for argv in argvs]
+    results = []
+    for proc in procs:
+        out, err = proc.communicate(timeout=timeout)
+        results.append(subprocess.CompletedProcess(proc.args, proc.returncode, out, err))
+    return results
+
+
 def read_csv(path):
     with open(path) as f:
         return list(csv.DictReader(f))
@@ -314,12 +328,9 @@ SHORT_RUN = ["--domain", "cheetah", "--task", "run", "--seed", "3", "--total-ste
 
 
 def test_short_pixel_run_writes_run_folder_and_is_reproducible(tmp_path):
-    outs = []
-    for attempt in range(2):
-        out = tmp_path / f"run{attempt}"
-        result = run_cli(*SHORT_RUN, "--out-dir", str(out))
+    outs = [tmp_path / "run0", tmp_path / "run1"]
+    for result in run_cli_parallel(*[[*SHORT_RUN, "--out-dir", str(out)] for out in outs]):
         assert result.returncode == 0, result.stderr[-2000:]
-        outs.append(out)
     config = json.loads((outs[0] / "config.json").read_text())
     assert config["action_repeat"] == 4 and config["decoder"] == "pixel" and config["versions"]["mujoco"]
     evals = read_csv(outs[0] / "eval.csv")
@@ -330,19 +341,28 @@ def test_short_pixel_run_writes_run_folder_and_is_reproducible(tmp_path):
     # A burst of 30 updates at agent step 30, then one per agent step 31..149.
     assert int(train[-1]["updates"]) == 30 + 119
     assert float(train[-1]["critic_loss"]) > 0 and float(train[-1]["ae_loss"]) > 0
+    assert sorted(os.listdir(outs[0] / "recon")) == ["eval_0.png", "eval_300.png", "eval_600.png"]
+    import imageio
+    assert imageio.imread(outs[0] / "recon" / "eval_300.png").shape == (2 * 48, 3 * 48, 3)
+    assert {"probe_r2", "probe_r2_position", "probe_r2_velocity"} <= set(evals[0])
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    tb = EventAccumulator(str(outs[0] / "tb")).Reload()
+    assert {"charts/episodic_return", "losses/qf_loss", "losses/ae_loss", "eval/return", "eval/probe_r2"} <= set(tb.Tags()["scalars"])
+    assert [e.step for e in tb.Scalars("eval/return")] == [0, 300, 600] and tb.Tags()["images"] == ["eval/reconstruction"]
     again = read_csv(outs[1] / "eval.csv")
     assert [r["episode_return_mean"] for r in evals] == [r["episode_return_mean"] for r in again]
     assert [r["critic_loss"] for r in train] == [r["critic_loss"] for r in read_csv(outs[1] / "train.csv")]
 
 
-@pytest.mark.parametrize("mode", [["--obs", "state"], ["--decoder", "none"]])
-def test_baselines_run_from_the_command_line(tmp_path, mode):
-    out = tmp_path / "run"
-    result = run_cli(*SHORT_RUN, *mode, "--out-dir", str(out))
-    assert result.returncode == 0, result.stderr[-2000:]
-    train = read_csv(out / "train.csv")
-    assert float(train[-1]["critic_loss"]) > 0 and train[-1]["ae_loss"] == ""
-    assert len(read_csv(out / "eval.csv")) == 3
+def test_baselines_run_from_the_command_line(tmp_path):
+    modes = {"state": ["--obs", "state"], "pixel": ["--decoder", "none"]}
+    results = run_cli_parallel(*[[*SHORT_RUN, *mode, "--out-dir", str(tmp_path / name)] for name, mode in modes.items()])
+    for name, result in zip(modes, results):
+        assert result.returncode == 0, result.stderr[-2000:]
+        train = read_csv(tmp_path / name / "train.csv")
+        assert float(train[-1]["critic_loss"]) > 0 and train[-1]["ae_loss"] == ""
+        assert len(read_csv(tmp_path / name / "eval.csv")) == 3
+    assert json.loads((tmp_path / "state" / "config.json").read_text())["frame_stack"] == 1
 
 
 @pytest.mark.parametrize("argv,needle", [
@@ -359,13 +379,20 @@ def test_baselines_run_from_the_command_line(tmp_path, mode):
     (["--critic-tau", "1.5"], "--critic-tau"),
     (["--no-such-flag"], "unrecognized"),
 ] + ([(["--device", "cuda"], "CUDA is not available")] if not torch.cuda.is_available() else []))
-def test_bad_input_is_one_line_exit_2_and_writes_nothing(tmp_path, argv, needle):
+def test_bad_input_is_one_line_exit_2_and_writes_nothing(tmp_path, capsys, argv, needle):
     out = tmp_path / "never"
-    result = run_cli(*argv, "--out-dir", str(out), timeout=120)
-    lines = result.stderr.strip().splitlines()
-    assert result.returncode == 2, result.stderr
-    assert len(lines) == 1 and needle in lines[0] and "Traceback" not in result.stderr
+    with pytest.raises(SystemExit) as exit_info:  # in-process: the same code path as the command line
+        sac_ae.main([*argv, "--out-dir", str(out)])
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert exit_info.value.code == 2
+    assert len(lines) == 1 and needle in lines[0]
     assert not out.exists()
+
+
+def test_bad_input_from_the_shell_has_no_traceback(tmp_path):
+    result = run_cli("--domain", "chetah", "--out-dir", str(tmp_path / "never"), timeout=120)
+    assert result.returncode == 2 and result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
+    assert not (tmp_path / "never").exists()
 
 
 def test_existing_non_empty_out_dir_is_refused_and_left_alone(tmp_path):
@@ -726,3 +753,116 @@ def test_exported_model_loads_with_plain_torch_load_as_readme_shows(reference_ru
     agent.actor.load_state_dict(w["actor"])
     action = agent.act(env.reset(), deterministic=True)
     assert action.shape == (1,) and torch.equal(agent.actor.policy[0].weight, w["actor"]["policy.0.weight"])
+
+
+# ---------------------------------------------------------------------------- the paper's variants
+def real_batch(args, n=40, batch=4):
+    """A batch sampled from a replay buffer filled with real cartpole pixels and random actions."""
+    env = sac_ae.DMCEnv("cartpole", "swingup", seed=0, image_size=args.image_size, action_repeat=8)
+    buffer = sac_ae.ReplayBuffer(env.frame_shape, np.uint8, 3, env.action_dim, n, env.episode_length,
+                                 device=torch.device("cpu"))
+    buffer.add_first(env.reset())
+    rng = np.random.default_rng(0)
+    for _ in range(n):
+        action = rng.uniform(-1, 1, env.action_dim).astype(np.float32)
+        obs, reward, discount, _, _ = env.step(action)
+        buffer.add(action, reward, discount, obs)
+    return buffer.sample(batch)
+
+
+def test_vae_kl_is_zero_only_when_the_posterior_is_the_prior():
+    zero = torch.zeros(3, 8)
+    assert sac_ae.kl_to_standard_normal(zero, zero).item() == 0
+    assert sac_ae.kl_to_standard_normal(zero + 0.1, zero).item() > 0
+    assert sac_ae.kl_to_standard_normal(zero, zero - 0.1).item() > 0
+    assert sac_ae.kl_to_standard_normal(zero, zero + 0.1).item() > 0
+
+
+def test_vae_reconstructs_a_sampled_latent_while_rl_heads_read_the_mean():
+    agent, args = make_agent("--decoder", "vae", "--vae-beta", "0.5", action_dim=1)
+    batch = real_batch(args)
+    obs = batch[0]
+    assert torch.equal(agent.critic.encoder(obs), agent.critic.encoder(obs))  # the mean: deterministic
+    log_var_before = agent.critic.encoder.log_var.weight.detach().clone()
+    torch.manual_seed(0)
+    metrics = agent.update(batch, step=2)
+    assert metrics["kl"].item() > 0 and not torch.equal(log_var_before, agent.critic.encoder.log_var.weight)
+    recon, kl = metrics["recon_loss"].item(), metrics["kl"].item()
+    assert metrics["ae_loss"].item() == pytest.approx(recon + 0.5 * kl, rel=1e-5)
+
+
+def test_separate_ae_grad_critic_leaves_encoder_and_decoder_moves_it():
+    agent, args = make_agent("--ae-grad", "separate", action_dim=1)
+    obs, action, reward, next_obs, not_done = real_batch(args)
+    before = conv_params(agent)
+    head = [p.detach().clone() for p in agent.critic.encoder.head.parameters()]
+    q_before = agent.critic.Q1[0].weight.detach().clone()
+    agent.update_critic(obs, action, reward, next_obs, not_done)
+    assert same(before, agent.critic.encoder.trunk.parameters()) and same(head, agent.critic.encoder.head.parameters())
+    assert not torch.equal(q_before, agent.critic.Q1[0].weight)
+    h = agent.critic.encoder.trunk(obs)
+    agent.update_autoencoder(obs, h, agent.critic.encoder.head(h))
+    assert not same(before, agent.critic.encoder.trunk.parameters())
+
+
+def exported_agent(tmp_path, *extra):
+    agent, args = make_agent(*extra, action_dim=1)
+    agent.update(real_batch(args), step=2)  # weights that are no longer the initial ones
+    args.out_dir = str(tmp_path)
+    sac_ae.export_model(str(tmp_path), args, agent)
+    return agent
+
+
+def test_load_encoder_copies_conv_and_heads_exactly(tmp_path):
+    source = exported_agent(tmp_path)
+    agent, _ = make_agent("--load-encoder", str(tmp_path), action_dim=1)
+    for mine, theirs in ((agent.critic.encoder, source.critic.encoder), (agent.critic_target.encoder, source.critic.encoder),
+                         (agent.actor.encoder.head, source.actor.encoder.head)):
+        for (name, a), (_, b) in zip(mine.state_dict().items(), theirs.state_dict().items()):
+            assert torch.equal(a, b), name
+    assert not torch.equal(agent.critic.Q1[0].weight, source.critic.Q1[0].weight)  # only the encoder moves over
+
+
+def test_freeze_encoder_keeps_loaded_weights_fixed_through_training(tmp_path):
+    exported_agent(tmp_path)
+    agent, args = make_agent("--load-encoder", str(tmp_path), "--freeze-encoder", action_dim=1)
+    frozen = {n: p.detach().clone() for n, p in agent.critic.encoder.named_parameters()}
+    actor_head = [p.detach().clone() for p in agent.actor.encoder.head.parameters()]
+    q_before = agent.critic.Q1[0].weight.detach().clone()
+    batch = real_batch(args)
+    for step in range(4):
+        agent.update(batch, step)
+    assert all(torch.equal(p, frozen[n]) for n, p in agent.critic.encoder.named_parameters())
+    assert same(actor_head, agent.actor.encoder.head.parameters())
+    assert not torch.equal(q_before, agent.critic.Q1[0].weight)
+
+
+def test_linear_probe_r2_is_near_1_for_a_linear_state_and_near_0_for_noise():
+    rng = np.random.default_rng(0)
+    latents = rng.standard_normal((2000, 10))
+    mixing = rng.standard_normal((10, 5))
+    linear = latents @ mixing + 0.01 * rng.standard_normal((2000, 5))
+    groups = [("position", 2), ("velocity", 3)]
+    good = sac_ae.linear_probe(latents, linear, groups)
+    assert good["probe_r2"] > 0.99 and good["probe_r2_position"] > 0.99 and good["probe_r2_velocity"] > 0.99
+    noise = sac_ae.linear_probe(latents, rng.standard_normal((2000, 5)), groups)
+    assert abs(noise["probe_r2"]) < 0.05
+
+
+def test_reconstruction_image_puts_the_stacked_frames_above_their_reconstructions():
+    obs = np.random.default_rng(0).integers(0, 256, (9, 16, 20), dtype=np.uint8)
+    picture = sac_ae.reconstruction_image(obs, obs.astype(np.float32) / 255 - 0.5)
+    assert picture.shape == (32, 60, 3) and picture.dtype == np.uint8
+    assert np.array_equal(picture[:16, 20:40], obs[3:6].transpose(1, 2, 0))
+    assert np.abs(picture[16:].astype(int) - picture[:16].astype(int)).max() <= 1
+
+
+def test_paper_variants_run_from_the_command_line(tmp_path, reference_run):
+    variants = {"vae_iter": ["--decoder", "vae", "--ae-grad", "separate", "--ae-update-freq", "2"],
+                "transfer": ["--domain", "cartpole", "--task", "balance", "--decoder", "none",
+                             "--load-encoder", str(reference_run), "--freeze-encoder"]}
+    results = run_cli_parallel(*[[*TINY_RUN, *argv, "--total-steps", "400", "--out-dir", str(tmp_path / name)]
+                                 for name, argv in variants.items()])
+    for name, result in zip(variants, results):
+        assert result.returncode == 0, result.stderr[-2000:]
+        assert len(read_csv(tmp_path / name / "eval.csv")) == 2

@@ -19,6 +19,7 @@ import math
 import os
 import pickle
 import random
+import re
 import signal
 import sys
 import time
@@ -53,7 +54,7 @@ class RenderError(RuntimeError):
         super().__init__(
             f"rendering with MUJOCO_GL={os.environ.get('MUJOCO_GL')} failed ({cause}); try "
             "MUJOCO_GL=egl (GPU or Mesa EGL), MUJOCO_GL=osmesa (apt-get install libosmesa6) or "
-            "MUJOCO_GL=glfw (needs a display), or train from states with --obs state")
+            "MUJOCO_GL=glfw (needs a display); --obs state runs without rendering under MUJOCO_GL=disable")
 
 
 class UsageError(ValueError):
@@ -61,6 +62,11 @@ class UsageError(ValueError):
 
 
 # ============================================================================ arguments
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    def _get_help_string(self, action):  # defaults that are resolved later say so in their help
+        return action.help if action.default is None else super()._get_help_string(action)
+
+
 class Parser(argparse.ArgumentParser):
     def error(self, message):  # one line instead of argparse's usage dump
         self.exit(2, f"{self.prog}: error: {message}\n")
@@ -74,6 +80,22 @@ def positive_int(text):
     if value <= 0 or str(value) != text.strip().lstrip("+"):
         raise argparse.ArgumentTypeError(f"must be a positive integer, got '{text}'")
     return value
+
+
+def seed_int(text):
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if not 0 <= value < 2**32 - EVAL_SEED_OFFSET:  # numpy's range, less the evaluation env's offset
+        raise argparse.ArgumentTypeError(f"must be an integer in [0, {2**32 - EVAL_SEED_OFFSET - 1}], got '{text}'")
+    return value
+
+
+def bits_int(text):
+    if text.strip() not in [str(b) for b in range(1, 9)]:
+        raise argparse.ArgumentTypeError(f"must be an integer in [1, 8], got '{text}'")
+    return int(text)
 
 
 def nonnegative_int(text):
@@ -118,13 +140,13 @@ def nonnegative_float(text):
 
 def build_parser():
     p = Parser(prog="sac_ae.py", description=__doc__.split("\n\n")[0] + " Every hyperparameter "
-               "defaults to the paper's (SPEC 3-5); budgets count environment steps "
+               "defaults to the paper's and the authors' code; budgets count environment steps "
                "(agent steps x action repeat), as the paper's plots do.",
-               formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+               formatter_class=HelpFormatter)
     g = p.add_argument_group("task and run")
     g.add_argument("--domain", default="cheetah", help="dm_control suite domain")
     g.add_argument("--task", default="run", help="task of that domain")
-    g.add_argument("--seed", type=int, default=1, help="seeds python, numpy, torch and both environments")
+    g.add_argument("--seed", type=seed_int, default=1, help="seeds python, numpy, torch and both environments")
     g.add_argument("--total-steps", type=positive_int, default=500_000, help="environment steps of training")
     g.add_argument("--obs", default="pixels", choices=["pixels", "state"],
                    help="pixels: SAC+AE from images; state: SAC on proprioceptive states, no "
@@ -172,6 +194,8 @@ def build_parser():
     g.add_argument("--benchmark", action="store_true",
                    help="no training: time updates on a replay buffer of random frames and environment "
                    "steps, print a table and a final `benchmark ...` line")
+    g.add_argument("--plot", nargs="+", default=None, metavar="EVAL_CSV",
+                   help="no training: draw each eval.csv as learning_curve.png beside it (needs matplotlib)")
     g.add_argument("--bench-updates", type=positive_int, default=20,
                    help="updates timed by --benchmark after warm-up (even, so actor and targets keep their rate)")
     g = p.add_argument_group("SAC")
@@ -180,10 +204,10 @@ def build_parser():
     g.add_argument("--critic-beta", type=unit_float, default=0.9, help="Adam beta1 of the critic")
     g.add_argument("--critic-tau", type=unit_float, default=0.01, help="soft target update rate of the Q heads")
     g.add_argument("--encoder-tau", type=unit_float, default=0.05, help="soft target update rate of the target encoder")
-    g.add_argument("--target-update-freq", type=positive_int, default=2, help="soft target update every N updates")
+    g.add_argument("--target-update-freq", type=positive_int, default=2, help="soft target update on agent steps divisible by N (the initial burst shares one step)")
     g.add_argument("--actor-lr", type=positive_float, default=1e-3, help="Adam lr of the actor")
     g.add_argument("--actor-beta", type=unit_float, default=0.9, help="Adam beta1 of the actor")
-    g.add_argument("--actor-update-freq", type=positive_int, default=2, help="actor and temperature step every N updates")
+    g.add_argument("--actor-update-freq", type=positive_int, default=2, help="actor and temperature step on agent steps divisible by N (the initial burst shares one step)")
     g.add_argument("--actor-log-std-min", type=float, default=-10.0, help="lower bound of the policy's log std")
     g.add_argument("--actor-log-std-max", type=float, default=2.0, help="upper bound of the policy's log std")
     g.add_argument("--init-temperature", type=positive_float, default=0.1, help="initial alpha")
@@ -198,8 +222,8 @@ def build_parser():
     g.add_argument("--decoder-lr", type=positive_float, default=1e-3, help="Adam lr of the decoder")
     g.add_argument("--decoder-weight-decay", type=nonnegative_float, default=1e-7, help="L2 penalty on decoder weights (RAE)")
     g.add_argument("--decoder-latent-lambda", type=nonnegative_float, default=1e-6, help="weight of the latent penalty 0.5||z||^2 (RAE)")
-    g.add_argument("--ae-update-freq", type=positive_int, default=1, help="autoencoder step every N updates")
-    g.add_argument("--ae-bits", type=positive_int, default=5, help="bit depth of the reconstruction target")
+    g.add_argument("--ae-update-freq", type=positive_int, default=1, help="autoencoder step on agent steps divisible by N (the initial burst shares one step)")
+    g.add_argument("--ae-bits", type=bits_int, default=5, help="bit depth of the reconstruction target, 1 to 8")
     g.add_argument("--ae-grad", default="end-to-end", choices=["end-to-end", "separate"],
                    help="end-to-end: the critic's gradient also trains the encoder (SAC+AE, Sec. 4.4/5); "
                    "separate: only the reconstruction loss does, RL heads read a detached latent (Sec. 4.3)")
@@ -209,12 +233,14 @@ def build_parser():
                    help="initialise the conv trunk and encoder heads from a run folder (its model.pt) or a "
                    "model.pt / checkpoint file (transfer, Fig. 7)")
     g.add_argument("--freeze-encoder", action="store_true",
-                   help="with --load-encoder: keep the loaded conv trunk and critic encoder head fixed")
+                   help="with --load-encoder: keep the loaded conv trunk and both encoder heads fixed")
     return p
 
 
 # Flags that may accompany --resume: none of them changes what the run computes.
 RESUMABLE = {"total_steps", "device", "checkpoint_freq", "keep_checkpoints", "save_video"}
+# Flags that pick what the script does rather than configure a run: never part of a run's config.
+MODES = {"resume", "out_dir", "benchmark", "bench_updates", "plot"}
 
 
 def parse_args(argv=None):
@@ -222,6 +248,11 @@ def parse_args(argv=None):
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
+        if args.plot:
+            missing = [p for p in args.plot if not os.path.isfile(p)]
+            if missing:
+                raise UsageError(f"--plot {missing[0]}: no such file")
+            return args
         if args.resume:
             return resume_args(parser, argv, args.resume)
         resolve_args(args)
@@ -234,7 +265,7 @@ def resume_args(parser, argv, run_dir):
     """The run's saved configuration, with the few flags that may change on resume applied."""
     dests = vars(parser.parse_args([]))
     parser.set_defaults(**{k: None for k in dests})  # so that only the flags typed are not None
-    given = {k: v for k, v in vars(parser.parse_args(argv)).items() if v is not None and k != "resume"}
+    given = {k: v for k, v in vars(parser.parse_args(argv)).items() if v is not None and k not in MODES}
     refused = sorted(set(given) - RESUMABLE)
     if refused:
         raise UsageError(f"--{refused[0].replace('_', '-')} cannot be given with --resume (the run keeps its "
@@ -246,12 +277,12 @@ def resume_args(parser, argv, run_dir):
             config = json.load(f)
     except (OSError, ValueError) as e:
         raise UsageError(f"--resume {run_dir}: no readable config.json, so not a run folder ({e.__class__.__name__})") from None
-    if set(dests) - {"resume"} - set(config):
-        raise UsageError(f"--resume {run_dir}: config.json lacks {sorted(set(dests) - {'resume'} - set(config))[0]}; "
-                         "was it written by another version of sac_ae.py?")
-    args = argparse.Namespace(**{k: config[k] for k in dests if k != "resume"})
+    missing = sorted(set(dests) - MODES - set(config))
+    if missing:
+        raise UsageError(f"--resume {run_dir}: config.json lacks {missing[0]}; was it written by another version of sac_ae.py?")
+    args = argparse.Namespace(**{k: config[k] for k in dests if k not in MODES})
     vars(args).update(given)
-    args.resume, args.out_dir = run_dir, run_dir
+    args.resume, args.out_dir, args.benchmark, args.plot, args.bench_updates = run_dir, run_dir, False, None, 0
     if args.device == "cuda" and not torch.cuda.is_available():
         raise UsageError("--device cuda but CUDA is not available; valid here: auto, cpu")
     if latest_checkpoint(run_dir) is None:
@@ -276,6 +307,8 @@ def resolve_args(args):
         raise UsageError("--freeze-encoder needs --load-encoder PATH (a random encoder would stay random)")
     if args.load_encoder and not os.path.exists(args.load_encoder):
         raise UsageError(f"--load-encoder {args.load_encoder}: no such file or folder")
+    if args.load_encoder:
+        args.load_encoder = os.path.abspath(args.load_encoder)
     args.decoder = args.decoder or ("pixel" if args.obs == "pixels" else "none")
     if args.ae_grad == "separate" and args.decoder == "none":
         raise UsageError("--ae-grad separate needs a decoder (pixel or vae): without one the encoder would never learn")
@@ -284,12 +317,12 @@ def resolve_args(args):
     args.init_updates = args.init_updates or args.init_steps
     args.checkpoint_freq = args.checkpoint_freq or args.eval_freq
     args.buffer_size = min(args.buffer_size, math.ceil(args.total_steps / args.action_repeat))  # no unused memory
-    if args.bench_updates % 2:
+    if args.benchmark and args.bench_updates % 2:
         raise UsageError(f"--bench-updates must be even (actor and targets move every 2nd update), got {args.bench_updates}")
     if args.actor_log_std_min >= args.actor_log_std_max:
         raise UsageError("--actor-log-std-min must be below --actor-log-std-max")
     if args.obs == "pixels" and conv_output_size(args.image_size, args.num_conv_layers) < 1:
-        smallest = 2 * args.num_conv_layers + 5
+        smallest = 4 * args.num_conv_layers - 1
         raise UsageError(f"--image-size {args.image_size} is too small for {args.num_conv_layers} conv layers "
                          f"(3x3, the first with stride 2): use at least {smallest}")
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -325,6 +358,8 @@ class DMCEnv:
         self.frame_shape = (3, image_size, image_size) if obs == "pixels" else (self.state_dim,)
         self.obs_shape = (self.frame_shape[0] * frame_stack, *self.frame_shape[1:])
         # Agent steps per episode: the time limit, in physics steps, over the action repeat.
+        if not math.isfinite(self.env._step_limit):
+            raise UsageError(f"{domain}-{task} has no time limit; this script needs episodes that end")
         self.episode_length = math.ceil(round(self.env._step_limit) / action_repeat)
 
     @property
@@ -413,6 +448,7 @@ class ReplayBuffer:
         except MemoryError:
             raise UsageError(f"cannot allocate {need / 2**30:.1f} GiB for the replay buffer; lower --buffer-size") from None
         self.t = 0  # slots ever written; slot t lives at index t % size
+        self.has_transition = False
         self.rng = np.random.default_rng(seed)
         self.pin = device.type == "cuda"
 
@@ -439,6 +475,7 @@ class ReplayBuffer:
     def add(self, action, reward, not_done, next_obs):
         """A transition: keep the newest frame of next_obs; obs is already in the ring."""
         self._write(next_obs[-self.frame_shape[0]:], self.age[(self.t - 1) % self.size] + 1, action, reward, not_done)
+        self.has_transition = True
 
     def __len__(self):
         return int(self._valid(np.arange(max(0, self.t - self.size), self.t)).sum())
@@ -450,7 +487,7 @@ class ReplayBuffer:
 
     def sample_slots(self, n):
         """n transition slots, uniformly with replacement over the valid ones (by rejection)."""
-        if self.t == 0 or not self._valid(np.arange(max(0, self.t - self.size), self.t)).any():
+        if not self.has_transition:  # once there is one, the newest is always valid: the loop ends
             raise RuntimeError("the replay buffer holds no transition yet")
         picked = []
         while sum(len(x) for x in picked) < n:
@@ -499,23 +536,23 @@ class ReplayBuffer:
                 continue
             if lo != need:
                 raise UsageError(f"replay chunk missing for slots {need}..{lo} in {folder}")
-            with np.load(path) as chunk:
-                i, part = np.arange(lo, hi) % self.size, slice(lo - start, hi - start)
-                self.frames[i], self.action[i], self.reward[i] = chunk["frames"][part], chunk["action"][part], chunk["reward"][part]
-                self.not_done[i], self.age[i] = chunk["not_done"][part], chunk["age"][part]
+            try:
+                with np.load(path) as chunk:
+                    i, part = np.arange(lo, hi) % self.size, slice(lo - start, hi - start)
+                    self.frames[i], self.action[i], self.reward[i] = chunk["frames"][part], chunk["action"][part], chunk["reward"][part]
+                    self.not_done[i], self.age[i] = chunk["not_done"][part], chunk["age"][part]
+            except Exception as e:
+                raise UsageError(f"replay chunk {path} is unreadable ({e.__class__.__name__}: truncated or corrupt)") from None
             need = hi
         if need != t:
             raise UsageError(f"replay chunks in {folder} end at slot {need}, the checkpoint needs {t}")
+        self.has_transition = bool((self.age[np.arange(max(0, t - self.size), t) % self.size] > 0).any())
 
 
 def replay_chunks(folder):
     """(start, end, path) of the replay chunk files in folder, in order."""
-    out = []
-    for name in os.listdir(folder):
-        if name.startswith("replay_") and name.endswith(".npz"):
-            start, end = name[len("replay_"):-len(".npz")].split("_")
-            out.append((int(start), int(end), os.path.join(folder, name)))
-    return sorted(out)
+    found = [re.fullmatch(r"replay_(\d+)_(\d+)\.npz", name) for name in os.listdir(folder)]
+    return sorted((int(m[1]), int(m[2]), os.path.join(folder, m[0])) for m in found if m)
 
 
 def available_memory():
@@ -702,8 +739,8 @@ class SACAE:
             module.apply(weight_init)
         if self.critic.encoder.log_var is not None:
             self.critic.encoder.log_var.apply(weight_init)
-        if args.load_encoder:
-            self.load_encoder(args.load_encoder, freeze=args.freeze_encoder)
+        if args.load_encoder:  # on --resume the checkpoint brings these weights; only freezing matters
+            self.load_encoder(args.load_encoder, freeze=args.freeze_encoder, copy_weights=not args.resume)
         self.critic_target = copy.deepcopy(self.critic)  # its own trunk: the target encoder
         self.decoder = None
         if args.decoder in ("pixel", "vae"):
@@ -747,8 +784,14 @@ class SACAE:
             mods["decoder"] = self.decoder
         return mods
 
-    def load_encoder(self, path, freeze=False):
+    def load_encoder(self, path, freeze=False, copy_weights=True):
         """Copy the conv trunk and the encoder heads from another run (transfer, Fig. 7)."""
+        parts = [self.critic.encoder, self.actor.encoder]
+        if freeze:
+            for encoder in parts:
+                encoder.requires_grad_(False)
+        if not copy_weights:
+            return
         file = os.path.join(path, "model.pt") if os.path.isdir(path) else path
         try:
             saved = torch.load(file, map_location="cpu", weights_only=False)
@@ -756,17 +799,13 @@ class SACAE:
             critic, actor = saved["critic"], saved["actor"]
         except Exception as e:
             raise UsageError(f"--load-encoder {path}: cannot read encoder weights from {file} ({e.__class__.__name__})") from None
-        parts = [(self.critic.encoder, critic), (self.actor.encoder, actor)]
-        for encoder, state in parts:
+        for encoder, state in zip(parts, (critic, actor)):
             mine = {k: v for k, v in encoder.state_dict().items() if not k.startswith("log_var.") or "encoder." + k in state}
             try:
                 encoder.load_state_dict({k: state["encoder." + k] for k in mine}, strict=False)
             except (KeyError, RuntimeError) as e:
                 raise UsageError(f"--load-encoder {path}: its encoder does not fit this one (image size, "
                                  f"filters, layers or feature dim differ: {str(e).splitlines()[0][:120]})") from None
-        if freeze:
-            for encoder, _ in parts:
-                encoder.requires_grad_(False)
 
     def optimizers(self):
         return {k: v for k, v in vars(self).items() if isinstance(v, torch.optim.Optimizer)}
@@ -1033,18 +1072,14 @@ def atomic_write(path):
 
 def maths_config(args):
     """The flags a checkpoint must agree on: all but those that do not change what is computed."""
-    return {k: v for k, v in sorted(vars(args).items()) if k not in RESUMABLE | {"resume", "out_dir", "benchmark"}}
+    return {k: v for k, v in sorted(vars(args).items()) if k not in RESUMABLE | MODES}
 
 
 def checkpoints(run_dir):
     """[(env_step, replay_slots, path)] of the complete checkpoints of a run, oldest first."""
     folder = os.path.join(run_dir, "checkpoints")
-    out = []
-    for name in os.listdir(folder) if os.path.isdir(folder) else []:
-        if name.startswith("ckpt_") and name.endswith(".pt"):
-            step, slots = name[len("ckpt_"):-len(".pt")].split("_")
-            out.append((int(step), int(slots), os.path.join(folder, name)))
-    return sorted(out)
+    found = [re.fullmatch(r"ckpt_(\d+)_(\d+)\.pt", name) for name in (os.listdir(folder) if os.path.isdir(folder) else [])]
+    return sorted((int(m[1]), int(m[2]), os.path.join(folder, m[0])) for m in found if m)
 
 
 def latest_checkpoint(run_dir):
@@ -1052,21 +1087,21 @@ def latest_checkpoint(run_dir):
     return found[-1][2] if found else None
 
 
-def rng_states(action_rng, buffer):
+def rng_states(action_rng, buffer, device):
     states = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
               "actions": action_rng.bit_generator.state, "replay": buffer.rng.bit_generator.state}
-    if torch.cuda.is_available():
-        states["cuda"] = torch.cuda.get_rng_state_all()
+    if device.type == "cuda":
+        states["cuda"] = torch.cuda.get_rng_state(device)
     return states
 
 
-def set_rng_states(states, action_rng, buffer):
+def set_rng_states(states, action_rng, buffer, device):
     random.setstate(states["python"])
     np.random.set_state(states["numpy"])
     torch.set_rng_state(states["torch"])
     action_rng.bit_generator.state, buffer.rng.bit_generator.state = states["actions"], states["replay"]
-    if "cuda" in states and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(states["cuda"])
+    if "cuda" in states and device.type == "cuda":  # a run moved from CPU to GPU starts its CUDA stream fresh
+        torch.cuda.set_rng_state(states["cuda"], device)
 
 
 def check_parameters(agent, step):
@@ -1078,13 +1113,16 @@ def check_parameters(agent, step):
 def save_checkpoint(run_dir, args, loop, agent, buffer, env, eval_env, action_rng, logs):
     """Replay slots added since the last checkpoint, then one file with everything else."""
     check_parameters(agent, loop["agent_step"])  # never write a poisoned checkpoint
+    for log in logs.values():  # the rows the checkpoint counts must be on disk before it is
+        log.file.flush()
+        os.fsync(log.file.fileno())
     folder = os.path.join(run_dir, "checkpoints")
     os.makedirs(folder, exist_ok=True)
     buffer.save_chunk(folder, loop["replay_saved"])
     loop["replay_saved"] = buffer.t
     payload = {"format": 1, "config": maths_config(args), "loop": {**loop, "episode_metrics": [
                    (s, {k: v.cpu() for k, v in m.items()}) for s, m in loop["episode_metrics"]]},
-               "agent": agent.state_dict(), "rng": rng_states(action_rng, buffer),
+               "agent": agent.state_dict(), "rng": rng_states(action_rng, buffer, agent.device),
                "env": env.state_dict(), "eval_env": eval_env.state_dict(),
                "csv_bytes": {name: log.file.tell() for name, log in logs.items()}}
     path = os.path.join(folder, f"ckpt_{loop['env_step']:010d}_{buffer.t:012d}.pt")
@@ -1117,14 +1155,14 @@ def load_checkpoint(run_dir, args, agent, buffer, env, eval_env, action_rng, dev
         raise UsageError(f"checkpoint {path} was written by an incompatible configuration "
                          f"(differs in {', '.join(diff[:3]) or 'format'}); it cannot continue this run")
     for name, size in payload["csv_bytes"].items():
-        if os.path.getsize(os.path.join(run_dir, name)) < size:
+        if not os.path.isfile(os.path.join(run_dir, name)) or os.path.getsize(os.path.join(run_dir, name)) < size:
             raise UsageError(f"{os.path.join(run_dir, name)} is shorter than checkpoint {path} recorded; the run folder is damaged")
     # Accepted: from here on the run folder is rewound to the checkpoint.
     agent.load_state_dict(payload["agent"])
     buffer.load_chunks(os.path.join(run_dir, "checkpoints"), slots)
     env.load_state_dict(payload["env"])
     eval_env.load_state_dict(payload["eval_env"])
-    set_rng_states(payload["rng"], action_rng, buffer)
+    set_rng_states(payload["rng"], action_rng, buffer, device)
     for name, size in payload["csv_bytes"].items():  # drop rows written after the checkpoint
         with open(os.path.join(run_dir, name), "r+b") as f:
             f.truncate(size)
@@ -1218,6 +1256,11 @@ def train(args):
     if args.resume:
         loop, path = load_checkpoint(run_dir, args, agent, buffer, env, eval_env, action_rng, device)
         obs = env.observation()
+        with open(os.path.join(run_dir, "config.json")) as f:
+            config = json.load(f)
+        config.update({k: getattr(args, k) for k in RESUMABLE}, device_resolved=str(device))
+        with atomic_write(os.path.join(run_dir, "config.json")) as f:  # the next --resume sees the same run
+            f.write(json.dumps(config, indent=2).encode())
         print(f"[resume] {run_dir} from {os.path.basename(path)}: env step {loop['env_step']}, "
               f"agent step {loop['agent_step']}, {loop['updates']} updates", flush=True)
     else:
@@ -1239,7 +1282,7 @@ def train(args):
         os.makedirs(os.path.join(run_dir, "recon"), exist_ok=True)
     from torch.utils.tensorboard import SummaryWriter
     # On resume, purge_step drops the events logged after the checkpoint, as the CSVs are cut back.
-    tb = SummaryWriter(os.path.join(run_dir, "tb"), purge_step=loop["env_step"] if args.resume else None)
+    tb = SummaryWriter(os.path.join(run_dir, "tb"), purge_step=loop["env_step"] + 1 if args.resume else None)
     logs["train.csv"] = CSVLog(os.path.join(run_dir, "train.csv"), TRAIN_FIELDS)
 
     print(f"[setup] {args.domain}-{args.task} seed {args.seed} | obs {args.obs} decoder {args.decoder} | "
@@ -1273,8 +1316,14 @@ def train(args):
     episode_start = time.time()
     L = loop
 
+    def eta():
+        """Seconds left: agent steps x (update + environment step), plus the evaluations' steps."""
+        steps_left = math.ceil((args.total_steps - L["env_step"]) / repeat)
+        evals_left = (args.total_steps - L["env_step"]) // args.eval_freq + 1
+        return steps_left * (sec_update + sec_env) + evals_left * args.eval_episodes * env.episode_length * sec_env
+
     def run_eval():
-        step = L["env_step"]
+        step, began = L["env_step"], time.time()
         video = os.path.join(run_dir, "video", f"eval_{step}.mp4") if args.save_video else None
         agent.train(False)
         returns, latents, states, sample = evaluate(eval_env, agent, args.eval_episodes, video, probe=pixels)
@@ -1295,7 +1344,9 @@ def train(args):
         tb.flush()
         print(f"[eval] env_step {step} (agent {L['agent_step']}) | return {row['episode_return_mean']:.1f} "
               f"+- {row['episode_return_std']:.1f} over {len(returns)} episodes"
-              + (f" | probe R^2 {row['probe_r2']:.2f}" if pixels else ""), flush=True)
+              + (f" | probe R^2 {row['probe_r2']:.2f}" if pixels else "")
+              + f" | fps {len(returns) * env.episode_length * repeat / max(time.time() - began, 1e-9):.0f}"
+              f" | eta {duration(eta())}", flush=True)
 
     try:
         while True:
@@ -1308,6 +1359,7 @@ def train(args):
                 episode_means(L["episode_metrics"])  # raises before a poisoned checkpoint is written
                 L["next_checkpoint"] = (L["env_step"] // args.checkpoint_freq + 1) * args.checkpoint_freq
                 L["wall_time"] = time.time() - start
+                tb.flush()
                 path = save_checkpoint(run_dir, args, L, agent, buffer, env, eval_env, action_rng, logs)
             if stop:
                 print(f"[stopped] checkpoint {path}; resume with: python {sys.argv[0]} --resume {run_dir}", flush=True)
@@ -1346,11 +1398,8 @@ def train(args):
                 for tag, key in TENSORBOARD_TAGS.items():
                     if key in row:
                         tb.add_scalar(tag, row[key], L["env_step"])
-                steps_left = math.ceil((args.total_steps - L["env_step"]) / repeat)
-                evals_left = (args.total_steps - L["env_step"]) // args.eval_freq + 1
-                eta = steps_left * (sec_update + sec_env) + evals_left * args.eval_episodes * env.episode_length * sec_env
                 print(f"[train] env_step {L['env_step']} (agent {L['agent_step']}) | episode {L['episode']} | "
-                      f"return {L['episode_return']:.1f} | fps {fps:.1f} | eta {duration(eta)}", flush=True)
+                      f"return {L['episode_return']:.1f} | fps {fps:.1f} | eta {duration(eta())}", flush=True)
                 L.update(episode=L["episode"] + 1, episode_return=0.0, episode_env_steps=0, episode_metrics=[])
                 episode_start = time.time()
                 if done:
@@ -1441,10 +1490,48 @@ def benchmark(args):
           f"replay_bytes_per_transition={round(buffer.bytes_per_transition)} device={name} precision={args.precision}")
 
 
+# ============================================================================ plots
+def plot(paths):
+    """eval.csv -> learning_curve.png beside it: mean return with a +-1 std band over env steps."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    for path in paths:
+        with open(path) as f:
+            rows = list(csv.DictReader(f))
+        folder = os.path.dirname(os.path.abspath(path))
+        title = os.path.basename(folder)
+        if os.path.isfile(os.path.join(folder, "config.json")):
+            with open(os.path.join(folder, "config.json")) as f:
+                c = json.load(f)
+            mode = "SAC:state" if c["obs"] == "state" else {"pixel": "SAC+AE", "none": "SAC:pixel", "vae": "SAC+VAE"}[c["decoder"]]
+            title = f"{c['domain']} {c['task']}, {mode}, seed {c['seed']}, batch {c['batch_size']}"
+            title += f", {c['image_size']}px" if c["obs"] == "pixels" else ""
+        x = np.array([float(r["env_step"]) for r in rows])
+        y = np.array([float(r["episode_return_mean"]) for r in rows])
+        s = np.array([float(r["episode_return_std"]) for r in rows])
+        fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
+        ax.plot(x, y, marker="o", markersize=3)
+        ax.fill_between(x, y - s, y + s, alpha=0.25)
+        ax.set(xlabel="environment steps", ylabel="evaluation return", title=title, ylim=(0, 1000))
+        ax.grid(alpha=0.3)
+        fig.tight_layout()
+        out = os.path.join(folder, "learning_curve.png")
+        fig.savefig(out)
+        plt.close(fig)
+        print(f"[plot] {out}")
+
+
 # ============================================================================ main
 def main(argv=None):
-    args = parse_args(argv)
     try:
+        args = parse_args(argv)
+    except RenderError as e:
+        print(f"sac_ae.py: error: {e}", file=sys.stderr)
+        return 1
+    try:
+        if args.plot:
+            return plot(args.plot)
         return benchmark(args) if args.benchmark else train(args)
     except UsageError as e:
         print(f"sac_ae.py: error: {e}", file=sys.stderr)

@@ -377,6 +377,10 @@ def test_baselines_run_from_the_command_line(tmp_path):
     (["--device", "tpu"], "--device"),
     (["--obs", "state", "--decoder", "pixel"], "--decoder pixel needs --obs pixels"),
     (["--critic-tau", "1.5"], "--critic-tau"),
+    (["--seed", "-1"], "--seed"),
+    (["--ae-bits", "9"], "--ae-bits"),
+    (["--freeze-encoder"], "--freeze-encoder needs --load-encoder"),
+    (["--decoder", "none", "--ae-grad", "separate"], "--ae-grad separate needs a decoder"),
     (["--no-such-flag"], "unrecognized"),
 ] + ([(["--device", "cuda"], "CUDA is not available")] if not torch.cuda.is_available() else []))
 def test_bad_input_is_one_line_exit_2_and_writes_nothing(tmp_path, capsys, argv, needle):
@@ -680,6 +684,7 @@ def test_resume_extends_a_finished_run_and_ignores_a_half_written_checkpoint(tmp
     result = run_cli("--resume", str(out), "--total-steps", "1000")
     assert result.returncode == 0, result.stderr[-2000:]
     assert [r["env_step"] for r in read_csv(out / "eval.csv")] == ["0", "400", "800", "1000"]
+    assert json.loads((out / "config.json").read_text())["total_steps"] == 1000  # a later --resume sees it
 
 
 def test_truncated_checkpoint_is_refused_and_the_folder_left_as_it_was(tmp_path, reference_run):

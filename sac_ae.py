@@ -977,10 +977,13 @@ def evaluate(env, agent, episodes, video_path=None, probe=False):
 def linear_probe(latents, states, groups):
     """Fig. 6: least-squares map latent -> true state fitted on the first half of the frames, R^2 on
     the second half. R^2 is per state dimension, averaged over dimensions (those that vary), overall
-    and per group of the task's observations. Returns {"probe_r2": .., "probe_r2_<group>": ..}."""
+    and per group of the task's observations; NaN with fewer than 4 frames per coefficient in the
+    fitting half. Returns {"probe_r2": .., "probe_r2_<group>": ..}."""
     n = len(latents) // 2
     x = np.concatenate([latents, np.ones((len(latents), 1))], axis=1).astype(np.float64)  # with a bias
     y = states.astype(np.float64)
+    if n < 4 * x.shape[1]:  # too few frames: the fit would memorise them and R^2 mean nothing
+        return {"probe_r2": float("nan"), **{f"probe_r2_{name}": float("nan") for name, _ in groups}}
     weights, *_ = np.linalg.lstsq(x[:n], y[:n], rcond=None)
     residual = ((y[n:] - x[n:] @ weights) ** 2).sum(0)
     total = ((y[n:] - y[n:].mean(0)) ** 2).sum(0)

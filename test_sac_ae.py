@@ -852,6 +852,8 @@ def test_linear_probe_r2_is_near_1_for_a_linear_state_and_near_0_for_noise():
     assert good["probe_r2"] > 0.99 and good["probe_r2_position"] > 0.99 and good["probe_r2_velocity"] > 0.99
     noise = sac_ae.linear_probe(latents, rng.standard_normal((2000, 5)), groups)
     assert abs(noise["probe_r2"]) < 0.05
+    few = sac_ae.linear_probe(latents[:60], linear[:60], groups)  # 30 frames for 11 coefficients
+    assert np.isnan(few["probe_r2"]) and np.isnan(few["probe_r2_velocity"])
 
 
 def test_reconstruction_image_puts_the_stacked_frames_above_their_reconstructions():

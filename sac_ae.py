@@ -72,70 +72,27 @@ class Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message}\n")
 
 
-def positive_int(text):
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value <= 0 or str(value) != text.strip().lstrip("+"):
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got '{text}'")
-    return value
+def checked(convert, valid, what):
+    """An argparse type: convert the text, refuse what is not `valid` with one line saying `what`."""
+    def parse(text):
+        try:
+            value = convert(text)
+        except ValueError:
+            value = None
+        if value is None or not valid(value):
+            raise argparse.ArgumentTypeError(f"must be {what}, got '{text}'")
+        return value
+    return parse
 
 
-def seed_int(text):
-    try:
-        value = int(text)
-    except ValueError:
-        value = -1
-    if not 0 <= value < 2**32 - EVAL_SEED_OFFSET:  # numpy's range, less the evaluation env's offset
-        raise argparse.ArgumentTypeError(f"must be an integer in [0, {2**32 - EVAL_SEED_OFFSET - 1}], got '{text}'")
-    return value
-
-
-def bits_int(text):
-    if text.strip() not in [str(b) for b in range(1, 9)]:
-        raise argparse.ArgumentTypeError(f"must be an integer in [1, 8], got '{text}'")
-    return int(text)
-
-
-def nonnegative_int(text):
-    try:
-        value = int(text)
-    except ValueError:
-        value = -1
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got '{text}'")
-    return value
-
-
-def positive_float(text):
-    try:
-        value = float(text)
-    except ValueError:
-        value = float("nan")
-    if not value > 0 or not math.isfinite(value):
-        raise argparse.ArgumentTypeError(f"must be a positive number, got '{text}'")
-    return value
-
-
-def unit_float(text):
-    try:
-        value = float(text)
-    except ValueError:
-        value = float("nan")
-    if not 0 <= value <= 1:
-        raise argparse.ArgumentTypeError(f"must be a number in [0, 1], got '{text}'")
-    return value
-
-
-def nonnegative_float(text):
-    try:
-        value = float(text)
-    except ValueError:
-        value = float("nan")
-    if not 0 <= value < float("inf"):
-        raise argparse.ArgumentTypeError(f"must be a number >= 0, got '{text}'")
-    return value
+positive_int = checked(int, lambda v: v > 0, "a positive integer")
+nonnegative_int = checked(int, lambda v: v >= 0, "an integer >= 0")
+seed_int = checked(int, lambda v: 0 <= v < 2**32 - EVAL_SEED_OFFSET,  # numpy's range less the eval offset
+                   f"an integer in [0, {2**32 - EVAL_SEED_OFFSET - 1}]")
+bits_int = checked(int, lambda v: 1 <= v <= 8, "an integer in [1, 8]")
+positive_float = checked(float, lambda v: 0 < v < math.inf, "a positive number")
+nonnegative_float = checked(float, lambda v: 0 <= v < math.inf, "a number >= 0")
+unit_float = checked(float, lambda v: 0 <= v <= 1, "a number in [0, 1]")
 
 
 def build_parser():

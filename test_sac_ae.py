@@ -342,7 +342,7 @@ def test_short_pixel_run_writes_run_folder_and_is_reproducible(tmp_path):
     assert int(train[-1]["updates"]) == 30 + 119
     assert float(train[-1]["critic_loss"]) > 0 and float(train[-1]["ae_loss"]) > 0
     assert sorted(os.listdir(outs[0] / "recon")) == ["eval_0.png", "eval_300.png", "eval_600.png"]
-    import imageio
+    import imageio.v2 as imageio
     assert imageio.imread(outs[0] / "recon" / "eval_300.png").shape == (2 * 48, 3 * 48, 3)
     assert {"probe_r2", "probe_r2_position", "probe_r2_velocity"} <= set(evals[0])
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator

@@ -434,9 +434,6 @@ class ReplayBuffer:
         self._write(next_obs[-self.frame_shape[0]:], self.age[(self.t - 1) % self.size] + 1, action, reward, not_done)
         self.has_transition = True
 
-    def __len__(self):
-        return int(self._valid(np.arange(max(0, self.t - self.size), self.t)).sum())
-
     def _valid(self, t):
         """Slots that are transitions whose every frame is still in the ring."""
         age = self.age[t % self.size]

@@ -211,6 +211,8 @@ def parse_args(argv=None):
                 raise UsageError(f"--plot {missing[0]}: no such file")
             return args
         if args.resume:
+            if args.benchmark:
+                raise UsageError("--benchmark cannot be combined with --resume (it trains nothing)")
             return resume_args(parser, argv, args.resume)
         resolve_args(args)
     except UsageError as e:

@@ -380,6 +380,7 @@ def test_baselines_run_from_the_command_line(tmp_path):
     (["--seed", "-1"], "--seed"),
     (["--ae-bits", "9"], "--ae-bits"),
     (["--freeze-encoder"], "--freeze-encoder needs --load-encoder"),
+    (["--resume", "runs/x", "--benchmark"], "--benchmark cannot be combined with --resume"),
     (["--decoder", "none", "--ae-grad", "separate"], "--ae-grad separate needs a decoder"),
     (["--no-such-flag"], "unrecognized"),
 ] + ([(["--device", "cuda"], "CUDA is not available")] if not torch.cuda.is_available() else []))

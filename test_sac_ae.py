@@ -238,6 +238,14 @@ def test_actor_loss_leaves_conv_weights_unchanged():
     assert not same(head_before, agent.actor.encoder.head.parameters())
 
 
+def test_actor_forward_sends_no_gradient_into_the_shared_convs():
+    agent, args = make_agent()
+    mu, log_std = agent.actor(random_batch(agent, args)[0])
+    (mu.sum() + log_std.sum()).backward()
+    assert all(p.grad is None for p in agent.critic.encoder.trunk.parameters())
+    assert agent.actor.encoder.head[0].weight.grad is not None
+
+
 def test_full_update_on_an_odd_step_does_not_touch_the_actor():
     agent, args = make_agent()
     actor_before = [p.detach().clone() for p in agent.actor.policy.parameters()]

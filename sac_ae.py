@@ -557,9 +557,11 @@ class ConvTrunk(nn.Module):
         # oneDNN and cuDNN convolve NHWC fastest (about 1.5x here on CPU); the maths is unchanged.
         self.memory_format = torch.channels_last
 
-    def forward(self, obs):  # (B, 9, 84, 84) uint8 -> (B, 39200)
-        x = obs.contiguous(memory_format=self.memory_format).to(torch.float32, copy=True).div_(255.0)  # reorder as uint8: 4x fewer bytes
-        return self.convs(x).flatten(1)
+    def scale(self, obs):  # uint8 pixels -> float32 in [0, 1], laid out as the convs want
+        return obs.contiguous(memory_format=self.memory_format).to(torch.float32, copy=True).div_(255.0)  # reorder as uint8: 4x fewer bytes
+
+    def forward(self, obs):  # (B, 9, 84, 84) uint8, or already scaled -> (B, 39200)
+        return self.convs(self.scale(obs) if obs.dtype == torch.uint8 else obs).flatten(1)
 
 
 class Encoder(nn.Module):
@@ -806,7 +808,10 @@ class SACAE:
 
     def update(self, batch, step):
         """One update of SPEC 4. `step` is the agent step: even steps also move actor and targets."""
-        obs, action, reward, next_obs, not_done = batch
+        pixels, action, reward, next_obs, not_done = batch
+        obs = pixels
+        if self.args.obs == "pixels":  # scale each batch once for the four trunk passes that read it
+            obs, next_obs = self.critic.encoder.trunk.scale(pixels), self.critic.encoder.trunk.scale(next_obs)
         metrics = self.update_critic(obs, action, reward, next_obs, not_done)
         do_actor = step % self.args.actor_update_freq == 0
         do_ae = self.decoder is not None and step % self.args.ae_update_freq == 0
@@ -821,7 +826,7 @@ class SACAE:
         if step % self.args.target_update_freq == 0:
             self.update_targets()
         if do_ae:
-            metrics.update(self.update_autoencoder(obs, h, z))
+            metrics.update(self.update_autoencoder(pixels, h, z))
         return metrics
 
     def update_critic(self, obs, action, reward, next_obs, not_done):

@@ -432,14 +432,18 @@ def literal_update(agent, batch, step):
         act = torch.tanh(u)
         return act, log_p - torch.sum(torch.log(torch.clamp(1 - act ** 2, min=0) + 1e-6), dim=-1, keepdim=True)
 
+    def features(trunk, o):  # SPEC 3: x/255 through the convs, flattened (state: the vector itself)
+        # One float copy per pass, as the trunk's own scaling made before: the timing stays comparable.
+        return o if isinstance(trunk, torch.nn.Identity) else trunk.convs(o.float().div_(255)).flatten(1)
+
     def policy(o):  # the actor's encoder on detached conv features, then its MLP
-        feat = agent.actor.encoder.head(agent.actor.encoder.trunk(o).detach())
+        feat = agent.actor.encoder.head(features(agent.actor.encoder.trunk, o).detach())
         mu, raw = agent.actor.policy(feat).chunk(2, dim=-1)
         lo, hi = a.actor_log_std_min, a.actor_log_std_max
         return mu, lo + (hi - lo) * (torch.tanh(raw) + 1) / 2
 
     def q_values(critic, o, act, detach=False):
-        h = critic.encoder.trunk(o)
+        h = features(critic.encoder.trunk, o)
         z = critic.encoder.head(h.detach() if detach else h)
         return critic.Q1(torch.cat([z, act], 1)), critic.Q2(torch.cat([z, act], 1))
 
@@ -474,7 +478,7 @@ def literal_update(agent, batch, step):
                     tp.copy_(tau * p + (1 - tau) * tp)
     if agent.decoder is not None and step % a.ae_update_freq == 0:
         # 4. autoencoder
-        z = agent.critic.encoder(obs)
+        z = agent.critic.encoder.head(features(agent.critic.encoder.trunk, obs))
         target = torch.floor(obs.float() / 8) / 32 + torch.rand(obs.shape) / 32 - 0.5
         loss = ((agent.decoder(z) - target) ** 2).mean() + a.decoder_latent_lambda * (0.5 * (z ** 2).sum(1)).mean()
         agent.encoder_opt.zero_grad()

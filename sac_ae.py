@@ -808,10 +808,11 @@ class SACAE:
 
     def update(self, batch, step):
         """One update of SPEC 4. `step` is the agent step: even steps also move actor and targets."""
-        pixels, action, reward, next_obs, not_done = batch
-        obs = pixels
+        obs, action, reward, next_obs, not_done = batch
+        pixels = obs  # uint8: the autoencoder's target is made from these
         if self.args.obs == "pixels":  # scale each batch once for the four trunk passes that read it
-            obs, next_obs = self.critic.encoder.trunk.scale(pixels), self.critic.encoder.trunk.scale(next_obs)
+            trunk = self.critic.encoder.trunk
+            obs, next_obs = trunk.scale(obs), trunk.scale(next_obs)
         metrics = self.update_critic(obs, action, reward, next_obs, not_done)
         do_actor = step % self.args.actor_update_freq == 0
         do_ae = self.decoder is not None and step % self.args.ae_update_freq == 0

@@ -93,6 +93,8 @@ bits_int = checked(int, lambda v: 1 <= v <= 8, "an integer in [1, 8]")
 positive_float = checked(float, lambda v: 0 < v < math.inf, "a positive number")
 nonnegative_float = checked(float, lambda v: 0 <= v < math.inf, "a number >= 0")
 unit_float = checked(float, lambda v: 0 <= v <= 1, "a number in [0, 1]")
+finite_float = checked(float, math.isfinite, "a finite number")
+device_name = checked(str, lambda v: re.fullmatch(r"auto|cpu|cuda(:\d+)?", v), "auto, cpu, cuda or cuda:N")
 
 
 def build_parser():
@@ -112,8 +114,9 @@ def build_parser():
                    help="pixel: deterministic regularized autoencoder (SAC+AE); vae: beta-VAE with a "
                    "stochastic encoder head (Sec. 4); none: no reconstruction (SAC:pixel, the lower "
                    "baseline) [default: pixel with --obs pixels]")
-    g.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
-                   help="auto picks cuda when available")
+    g.add_argument("--device", type=device_name, default="auto",
+                   help="auto, cpu, cuda or cuda:N; auto picks cuda when available. Rendering (EGL) "
+                   "runs on the same GPU unless MUJOCO_EGL_DEVICE_ID says otherwise")
     g.add_argument("--out-dir", default=None,
                    help="run folder, must be new or empty [default: runs/{domain}-{task}-s{seed}-{timestamp}]")
     g.add_argument("--resume", default=None, metavar="RUN_DIR",
@@ -165,8 +168,8 @@ def build_parser():
     g.add_argument("--actor-lr", type=positive_float, default=1e-3, help="Adam lr of the actor")
     g.add_argument("--actor-beta", type=unit_float, default=0.9, help="Adam beta1 of the actor")
     g.add_argument("--actor-update-freq", type=positive_int, default=2, help="actor and temperature step on agent steps divisible by N (the initial burst shares one step)")
-    g.add_argument("--actor-log-std-min", type=float, default=-10.0, help="lower bound of the policy's log std")
-    g.add_argument("--actor-log-std-max", type=float, default=2.0, help="upper bound of the policy's log std")
+    g.add_argument("--actor-log-std-min", type=finite_float, default=-10.0, help="lower bound of the policy's log std")
+    g.add_argument("--actor-log-std-max", type=finite_float, default=2.0, help="upper bound of the policy's log std")
     g.add_argument("--init-temperature", type=positive_float, default=0.1, help="initial alpha")
     g.add_argument("--alpha-lr", type=positive_float, default=1e-4, help="Adam lr of log alpha")
     g.add_argument("--alpha-beta", type=unit_float, default=0.5, help="Adam beta1 of log alpha")
@@ -213,8 +216,11 @@ def parse_args(argv=None):
         if args.resume:
             if args.benchmark:
                 raise UsageError("--benchmark cannot be combined with --resume (it trains nothing)")
-            return resume_args(parser, argv, args.resume)
-        resolve_args(args)
+            args = resume_args(parser, argv, args.resume)
+        else:
+            check_device(args.device)
+            render_on_training_gpu(args.device)  # before resolve_args imports dm_control
+            resolve_args(args)
     except UsageError as e:
         parser.error(str(e))
     return args
@@ -242,11 +248,20 @@ def resume_args(parser, argv, run_dir):
     args = argparse.Namespace(**{k: config[k] for k in dests if k not in MODES})
     vars(args).update(given)
     args.resume, args.out_dir, args.benchmark, args.plot, args.bench_updates = run_dir, run_dir, False, None, 0
-    if args.device == "cuda" and not torch.cuda.is_available():
-        raise UsageError("--device cuda but CUDA is not available; valid here: auto, cpu")
+    check_device(args.device)
+    render_on_training_gpu(args.device)
     if latest_checkpoint(run_dir) is None:
         raise UsageError(f"--resume {run_dir}: no checkpoint in {os.path.join(run_dir, 'checkpoints')}")
     return args
+
+
+def check_device(name):
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise UsageError(f"--device {name} but CUDA is not available; valid here: auto, cpu")
+        index = int(name.partition(":")[2] or 0)
+        if index >= torch.cuda.device_count():
+            raise UsageError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) are visible")
 
 
 def resolve_args(args):
@@ -284,8 +299,6 @@ def resolve_args(args):
         smallest = 4 * args.num_conv_layers - 1
         raise UsageError(f"--image-size {args.image_size} is too small for {args.num_conv_layers} conv layers "
                          f"(3x3, the first with stride 2): use at least {smallest}")
-    if args.device == "cuda" and not torch.cuda.is_available():
-        raise UsageError("--device cuda but CUDA is not available; valid here: auto, cpu")
     if args.benchmark:
         return args  # writes nothing: no run folder
     if args.out_dir is None:
@@ -1150,8 +1163,34 @@ def export_model(run_dir, args, agent):
 
 # ============================================================================ training loop
 def pick_device(name):
-    return torch.device("cuda" if name == "auto" and torch.cuda.is_available() else
-                        ("cpu" if name == "auto" else name))
+    """torch.device for --device, and the GPU numerics: true float32 (TF32 off, as the authors'
+    pre-Ampere GPUs computed; --precision bf16 is the fast mode) and cuDNN's autotuner, which picks
+    the fastest kernels for the fixed shapes (so runs on a GPU are not bit-identical, see README)."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(name)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
+        torch.backends.cudnn.benchmark = True
+    return device
+
+
+def render_on_training_gpu(device_name):
+    """Point dm_control's EGL at the GPU that trains. MUJOCO_EGL_DEVICE_ID numbers all GPUs, while
+    cuda:N numbers those in CUDA_VISIBLE_DEVICES; a value the user set is left alone."""
+    if os.environ.get("MUJOCO_GL") != "egl" or "MUJOCO_EGL_DEVICE_ID" in os.environ:
+        return
+    if device_name == "cpu" or not torch.cuda.is_available():
+        return
+    index = int(device_name.partition(":")[2] or 0)
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None:
+        ids = [v.strip() for v in visible.split(",")]
+        if index >= len(ids) or not ids[index].isdigit():
+            return  # GPU UUIDs or MIG names: no EGL index to give, EGL picks its first device
+        index = int(ids[index])
+    os.environ["MUJOCO_EGL_DEVICE_ID"] = str(index)
 
 
 def seed_everything(seed):

@@ -23,11 +23,11 @@ def small_args(*extra):
                               "--num-filters", "4", "--batch-size", "4", *extra])
 
 
-def make_agent(*extra, action_dim=3, seed=0):
-    torch.manual_seed(seed)  # the same initial weights in every run of a test
+def make_agent(*extra, action_dim=3, seed=0, device="cpu"):
+    torch.manual_seed(seed)  # the same initial weights in every run of a test (made on the CPU)
     args = small_args(*extra)
     obs_shape = (3 * args.frame_stack, args.image_size, args.image_size) if args.obs == "pixels" else (5,)
-    return sac_ae.SACAE(obs_shape, action_dim, torch.device("cpu"), args), args
+    return sac_ae.SACAE(obs_shape, action_dim, sac_ae.pick_device(device), args), args
 
 
 def random_batch(agent, args, batch=4, action_dim=3, seed=0):
@@ -925,3 +925,103 @@ def test_paper_variants_run_from_the_command_line(tmp_path, reference_run):
     for name, result in zip(variants, results):
         assert result.returncode == 0, result.stderr[-2000:]
         assert len(read_csv(tmp_path / name / "eval.csv")) == 2
+
+
+# ---------------------------------------------------------------------------- CUDA
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (none visible)")
+
+
+def fixed_noise(monkeypatch, seed=0):
+    """Draw the update's noise (actions, dequantisation, VAE) on the CPU, so both devices see the same."""
+    g = torch.Generator().manual_seed(seed)
+    rand = torch.rand
+    monkeypatch.setattr(torch, "randn_like", lambda t: torch.randn(t.shape, generator=g).to(t.device, t.dtype))
+    monkeypatch.setattr(torch, "rand", lambda size, device=None: rand(size, generator=g).to(device))
+
+
+@cuda
+def test_cuda_update_equals_cpu_update(monkeypatch):
+    # float32 on both (pick_device turns TF32 off); cuDNN and oneDNN sum in other orders, so values
+    # differ by ~1e-6 relative. Adam's first step is lr * g / |g|, which keeps that ~1e-6 unless a
+    # gradient is within rounding of zero: 1e-4 absolute (a tenth of one lr-1e-3 step) separates
+    # rounding from a wrong computation, which moves weights by a whole step.
+    agents = {dev: make_agent(device=dev) for dev in ("cpu", "cuda")}
+    batch = random_batch(*agents["cpu"])
+    results = {}
+    for dev, (agent, _) in agents.items():
+        fixed_noise(monkeypatch)
+        metrics = agent.update(tuple(t.to(dev) for t in batch), step=2)  # even: all four steps
+        results[dev] = ({k: v.cpu() for k, v in metrics.items()}, {k: v.cpu() for k, v in agent_state(agent).items()})
+    (m_cpu, p_cpu), (m_gpu, p_gpu) = results["cpu"], results["cuda"]
+    for name in m_cpu:
+        assert torch.allclose(m_cpu[name], m_gpu[name], rtol=1e-4, atol=1e-6), name
+    for name in p_cpu:
+        assert torch.allclose(p_cpu[name], p_gpu[name], rtol=0, atol=1e-4), name
+
+
+@cuda
+def test_cuda_update_makes_no_host_sync():
+    import warnings
+    agent, args = make_agent(device="cuda")
+    env = sac_ae.DMCEnv("cartpole", "swingup", seed=0, image_size=args.image_size, action_repeat=8)
+    buffer = sac_ae.ReplayBuffer(env.frame_shape, np.uint8, 3, env.action_dim, 20, env.episode_length,
+                                 device=torch.device("cuda"))
+    buffer.add_first(env.reset())
+    for _ in range(20):
+        obs, reward, discount, _, _ = env.step(np.zeros(env.action_dim))
+        buffer.add(np.zeros(env.action_dim, np.float32), reward, discount, obs)
+    agent.update(buffer.sample(4), step=2)  # one-off set-up (cuDNN plans, Adam state) may sync
+    torch.cuda.synchronize()
+    for step in (3, 4):
+        with warnings.catch_warnings(record=True) as sampling:
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+            batch = buffer.sample(4)
+            torch.cuda.set_sync_debug_mode(0)
+        assert all(t.is_cuda for t in batch)
+        assert not [w for w in sampling if "synchroniz" in str(w.message)], "sampling synchronised"
+        with warnings.catch_warnings(record=True) as updating:
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+            agent.update(batch, step)
+            torch.cuda.set_sync_debug_mode(0)
+        assert not [w for w in updating if "synchroniz" in str(w.message)], [str(w.message) for w in updating]
+
+
+CUDA_RUN = [*TINY_RUN[:TINY_RUN.index("--device")], "--total-steps", "400"]
+
+
+@cuda
+def test_cuda_run_writes_its_run_folder(tmp_path):
+    out = tmp_path / "run"
+    result = run_cli(*CUDA_RUN, "--device", "cuda", "--out-dir", str(out))
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert json.loads((out / "config.json").read_text())["device_resolved"] == "cuda"
+    assert [r["env_step"] for r in read_csv(out / "eval.csv")] == ["0", "400"]
+    assert float(read_csv(out / "train.csv")[-1]["critic_loss"]) > 0
+    assert (out / "model.pt").exists() and list((out / "checkpoints").glob("ckpt_*.pt"))
+
+
+@cuda
+def test_checkpoint_moves_between_cuda_and_cpu(tmp_path):
+    moves = {"cuda_to_cpu": ("cuda", "cpu"), "cpu_to_cuda": ("cpu", "cuda")}
+    results = run_cli_parallel(*[[*CUDA_RUN, "--device", first, "--out-dir", str(tmp_path / name)]
+                                 for name, (first, _) in moves.items()])
+    assert all(r.returncode == 0 for r in results), [r.stderr[-1000:] for r in results]
+    for name, (_, then) in moves.items():
+        result = run_cli("--resume", str(tmp_path / name), "--device", then, "--total-steps", "600")
+        assert result.returncode == 0, result.stderr[-2000:]
+        assert [r["env_step"] for r in read_csv(tmp_path / name / "eval.csv")] == ["0", "400", "600"]
+        assert json.loads((tmp_path / name / "config.json").read_text())["device_resolved"] == then
+
+
+@cuda
+@pytest.mark.parametrize("extra", [["--precision", "bf16"], ["--precision", "bf16", "--compile"]])
+def test_cuda_fast_modes_stay_finite_and_keep_float32_parameters(extra):
+    agent, args = make_agent(*extra, device="cuda")
+    batch = tuple(t.cuda() for t in random_batch(agent, args))
+    for step in range(6):  # compiled code runs from its second or third call on
+        metrics = agent.update(batch, step)
+    assert all(torch.isfinite(v).all() for v in metrics.values()), metrics
+    for module in agent.modules().values():
+        assert all(p.dtype == torch.float32 and torch.isfinite(p).all() for p in module.parameters())

@@ -23,6 +23,7 @@ import re
 import signal
 import sys
 import time
+import zipfile
 import zlib
 
 # Headless rendering by default; dm_control reads this once, when it is first imported.
@@ -209,9 +210,8 @@ def parse_args(argv=None):
     args = parser.parse_args(argv)
     try:
         if args.plot:
-            missing = [p for p in args.plot if not os.path.isfile(p)]
-            if missing:
-                raise UsageError(f"--plot {missing[0]}: no such file")
+            for path in args.plot:
+                read_eval_csv(path)  # refuse a missing, empty or foreign file before drawing any
             return args
         if args.resume:
             if args.benchmark:
@@ -304,9 +304,25 @@ def resolve_args(args):
     if args.out_dir is None:
         stamp = time.strftime("%Y%m%d-%H%M%S")
         args.out_dir = os.path.join("runs", f"{args.domain}-{args.task}-s{args.seed}-{stamp}")
-    if os.path.exists(args.out_dir) and (not os.path.isdir(args.out_dir) or os.listdir(args.out_dir)):
-        raise UsageError(f"--out-dir {args.out_dir} already exists and is not empty; give a new folder")
+    check_out_dir(args.out_dir)
     return args
+
+
+def check_out_dir(out_dir):
+    """A run folder must be new or empty, and creatable: refuse it now rather than after set-up."""
+    if not out_dir.strip():
+        raise UsageError("--out-dir is empty; give a folder name")
+    if os.path.isfile(out_dir):
+        raise UsageError(f"--out-dir {out_dir} is a file; give a new folder")
+    if os.path.isdir(out_dir) and os.listdir(out_dir):
+        raise UsageError(f"--out-dir {out_dir} already exists and is not empty; give a new folder")
+    parent = os.path.abspath(out_dir)
+    while not os.path.exists(parent):  # the nearest part of the path that exists
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        raise UsageError(f"--out-dir {out_dir}: {parent} is a file, so no folder can be made under it")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise UsageError(f"--out-dir {out_dir}: cannot write in {parent} (read-only filesystem or no permission)")
 
 
 # ============================================================================ environment
@@ -323,6 +339,12 @@ class DMCEnv:
         self.env = load_suite().load(domain, task, task_kwargs={"random": seed})
         self.obs_type, self.image_size, self.action_repeat = obs, image_size, action_repeat
         self.camera_id = CAMERA_ID.get(domain, 0)
+        if obs == "pixels":  # MuJoCo renders offscreen into a buffer the model's XML sizes
+            visual = self.env.physics.model.vis.global_
+            if image_size > min(visual.offwidth, visual.offheight):
+                raise UsageError(f"--image-size {image_size} is larger than {domain}'s offscreen buffer "
+                                 f"({visual.offwidth}x{visual.offheight}); use at most "
+                                 f"{min(visual.offwidth, visual.offheight)}")
         spec = self.env.action_spec()
         self.action_dim = spec.shape[0]
         self._low, self._high = spec.minimum.astype(np.float64), spec.maximum.astype(np.float64)
@@ -710,8 +732,9 @@ class SACAE:
             module.apply(weight_init)
         if self.critic.encoder.log_var is not None:
             self.critic.encoder.log_var.apply(weight_init)
-        if args.load_encoder:  # on --resume the checkpoint brings these weights; only freezing matters
-            self.load_encoder(args.load_encoder, freeze=args.freeze_encoder, copy_weights=not args.resume)
+        if args.freeze_encoder:  # transfer (Fig. 7): the loaded encoder stays as it is
+            for encoder in (self.critic.encoder, self.actor.encoder):
+                encoder.requires_grad_(False)
         self.critic_target = copy.deepcopy(self.critic)  # its own trunk: the target encoder
         self.decoder = None
         if args.decoder in ("pixel", "vae"):
@@ -755,21 +778,20 @@ class SACAE:
             mods["decoder"] = self.decoder
         return mods
 
-    def load_encoder(self, path, freeze=False, copy_weights=True):
-        """Copy the conv trunk and the encoder heads from another run (transfer, Fig. 7)."""
+    def load_encoder(self, path):
+        """Copy the conv trunk and the encoder heads from another run (transfer, Fig. 7); the
+        target encoder starts as a copy of the loaded one."""
         parts = [self.critic.encoder, self.actor.encoder]
-        if freeze:
-            for encoder in parts:
-                encoder.requires_grad_(False)
-        if not copy_weights:
-            return
         file = os.path.join(path, "model.pt") if os.path.isdir(path) else path
         try:
+            damaged = zip_damage(file)
+            if damaged:
+                raise ValueError(damaged)
             saved = torch.load(file, map_location="cpu", weights_only=False)
             saved = saved["agent"] if "agent" in saved else saved  # a checkpoint, or model.pt
             critic, actor = saved["critic"], saved["actor"]
         except Exception as e:
-            raise UsageError(f"--load-encoder {path}: cannot read encoder weights from {file} ({e.__class__.__name__})") from None
+            raise UsageError(f"--load-encoder {path}: cannot read encoder weights from {file} ({e})") from None
         for encoder, state in zip(parts, (critic, actor)):
             mine = {k: v for k, v in encoder.state_dict().items() if not k.startswith("log_var.") or "encoder." + k in state}
             try:
@@ -777,6 +799,7 @@ class SACAE:
             except (KeyError, RuntimeError) as e:
                 raise UsageError(f"--load-encoder {path}: its encoder does not fit this one (image size, "
                                  f"filters, layers or feature dim differ: {str(e).splitlines()[0][:120]})") from None
+        self.critic_target.encoder.load_state_dict(self.critic.encoder.state_dict())
 
     def optimizers(self):
         return {k: v for k, v in vars(self).items() if isinstance(v, torch.optim.Optimizer)}
@@ -804,8 +827,10 @@ class SACAE:
         obs = torch.as_tensor(obs, device=self.device).unsqueeze(0)
         with self.amp():
             mu, log_std = self.actor(obs)
-        action = torch.tanh(mu) if deterministic else sample_action(mu, log_std)[0]
-        return action[0].cpu().numpy()
+        action = (torch.tanh(mu) if deterministic else sample_action(mu, log_std)[0])[0].cpu().numpy()
+        if not np.isfinite(action).all():  # never hand the simulator a NaN: it fails with a PhysicsError
+            raise NonFiniteError(f"the policy's action became {action.tolist()}")
+        return action
 
     @torch.no_grad()
     def latent(self, obs):
@@ -1027,7 +1052,29 @@ def duration(seconds):
 
 # ============================================================================ checkpointing
 class NonFiniteError(RuntimeError):
-    """A loss or parameter became NaN or inf."""
+    """A loss, action or parameter became NaN or inf."""
+
+
+class WriteError(RuntimeError):
+    """Writing into the run folder failed: disk full, read-only, removed."""
+
+
+class Interrupted(Exception):
+    """A second SIGINT or SIGTERM: stop at once, without a checkpoint."""
+
+    def __init__(self, signum):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+@contextlib.contextmanager
+def writing(what):
+    """Turn an OSError while writing `what` into one line that names it."""
+    try:
+        yield
+    except OSError as e:
+        where = f" ({e.filename})" if e.filename else ""
+        raise WriteError(f"writing {what} failed: {e.strerror or e}{where}") from None
 
 
 @contextlib.contextmanager
@@ -1049,6 +1096,17 @@ def atomic_write(path):
         os.fsync(fd)  # make the rename itself durable
     finally:
         os.close(fd)
+
+
+def zip_damage(path):
+    """What is wrong with a zip file that torch.save or np.savez wrote, or None when every member's
+    CRC-32 checks out (torch.load reads tensor data without checking them)."""
+    try:
+        with zipfile.ZipFile(path) as z:
+            bad = z.testzip()
+    except (OSError, zipfile.BadZipFile, EOFError) as e:
+        return f"not a complete zip file: {e}"
+    return f"CRC mismatch in {bad}" if bad else None
 
 
 def maths_config(args):
@@ -1125,10 +1183,13 @@ def load_checkpoint(run_dir, args, agent, buffer, env, eval_env, action_rng, dev
     step, slots, path = found[-1]
     older = ", ".join(os.path.basename(p) for _, _, p in found[:-1]) or "none"
     try:
+        damaged = zip_damage(path)
+        if damaged:
+            raise ValueError(damaged)
         payload = torch.load(path, map_location="cpu", weights_only=False)  # our own file: numpy states inside
         loop = payload["loop"]
     except Exception as e:
-        raise UsageError(f"checkpoint {path} is unreadable ({e.__class__.__name__}: truncated or corrupt); "
+        raise UsageError(f"checkpoint {path} is unreadable ({str(e).splitlines()[0][:100]}: truncated or corrupt); "
                          f"older checkpoints: {older}; move it aside to resume from an older one") from None
     if payload.get("format") != 1 or payload.get("config") != maths_config(args):
         theirs = payload.get("config") or {}
@@ -1151,6 +1212,8 @@ def load_checkpoint(run_dir, args, agent, buffer, env, eval_env, action_rng, dev
         if end > slots:  # written after this checkpoint by the run that stopped
             os.remove(chunk)
     loop["episode_metrics"] = [(s, {k: v.to(device) for k, v in m.items()}) for s, m in loop["episode_metrics"]]
+    loop.setdefault("pending_action", None)  # checkpoints from before the burst could be interrupted
+    loop.setdefault("updates_due", 0)
     return loop, path
 
 
@@ -1228,6 +1291,16 @@ def time_one_update(agent, obs_shape, action_dim, batch_size, device):
     return sum(times[2:]) / 2
 
 
+def time_env_steps(args, env_kwargs, steps=5):
+    """Seconds per environment step (physics and rendering), on a throwaway copy of the task."""
+    env = DMCEnv(args.domain, args.task, args.seed, **env_kwargs)
+    env.reset()
+    start, done = time.perf_counter(), 0
+    for _ in range(steps):
+        done += env.step(np.zeros(env.action_dim))[4]
+    return (time.perf_counter() - start) / done
+
+
 def episode_means(episode_metrics):
     """Mean of each metric over the episode's updates; one host sync per metric, per episode.
     Raises NonFiniteError naming the first NaN or inf loss and the agent step it appeared at."""
@@ -1244,8 +1317,65 @@ def episode_means(episode_metrics):
     return means
 
 
+def updates_left(agent_step, total_agent_steps, init_steps, init_updates):
+    """Updates still to run at agent steps agent_step, agent_step + 1, ...: none before init_steps,
+    init_updates at it (the authors' burst), then one per agent step."""
+    left = max(0, total_agent_steps - max(agent_step, init_steps))
+    if agent_step <= init_steps < total_agent_steps:
+        left += init_updates - 1
+    return left
+
+
+class Clock:
+    """Seconds and environment steps of one kind of work (training or evaluation), for fps and ETA."""
+
+    def __init__(self):
+        self.seconds, self.steps = 0.0, 0
+
+    def add(self, seconds, steps):
+        self.seconds, self.steps = self.seconds + seconds, self.steps + steps
+
+    @property
+    def fps(self):
+        return self.steps / self.seconds if self.seconds > 0 else float("nan")
+
+
 def train(args):
     device = pick_device(args.device)
+    stop = {}  # the signals received: the first asks for a checkpoint, a second to leave at once
+    critical = []  # non-empty while a checkpoint or model.pt is being written: a second signal waits
+
+    def on_signal(signum, frame):
+        if stop and not critical:
+            raise Interrupted(signum)
+        if stop:
+            stop["again"] = signum
+            return
+        stop["signum"] = signum
+        print(f"[signal] {signal.Signals(signum).name}: finishing this update or step, then writing a "
+              "checkpoint (send it again to quit without one)", flush=True)
+
+    handlers = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        return train_loop(args, device, stop, critical)
+    finally:
+        for s, h in handlers.items():
+            signal.signal(s, h)
+
+
+@contextlib.contextmanager
+def signals_held(stop, critical):
+    """Finish what is in the block even if a second signal arrives meanwhile; act on it after."""
+    critical.append(True)
+    try:
+        yield
+    finally:
+        critical.pop()
+    if "again" in stop:
+        raise Interrupted(stop["again"])
+
+
+def train_loop(args, device, stop, critical):
     seed_everything(args.seed)
     action_rng = np.random.default_rng(args.seed)  # the uniform actions of the first --init-steps
     env_kwargs = dict(obs=args.obs, image_size=args.image_size, frame_stack=args.frame_stack,
@@ -1266,170 +1396,204 @@ def train(args):
         with open(os.path.join(run_dir, "config.json")) as f:
             config = json.load(f)
         config.update({k: getattr(args, k) for k in RESUMABLE}, device_resolved=str(device))
-        with atomic_write(os.path.join(run_dir, "config.json")) as f:  # the next --resume sees the same run
-            f.write(json.dumps(config, indent=2).encode())
+        with writing("config.json"), atomic_write(os.path.join(run_dir, "config.json")) as f:
+            f.write(json.dumps(config, indent=2).encode())  # the next --resume sees the same run
         print(f"[resume] {run_dir} from {os.path.basename(path)}: env step {loop['env_step']}, "
-              f"agent step {loop['agent_step']}, {loop['updates']} updates", flush=True)
+              f"agent step {loop['agent_step']}, {loop['updates']} updates"
+              + (f", {loop['updates_due']} of its burst still to run" if loop["updates_due"] else ""), flush=True)
     else:
-        os.makedirs(run_dir, exist_ok=True)
-        config = {**vars(args), "device_resolved": str(device), "episode_length_agent_steps": env.episode_length,
-                  "versions": versions()}
-        with atomic_write(os.path.join(run_dir, "config.json")) as f:
-            f.write(json.dumps(config, indent=2).encode())
+        if args.load_encoder:
+            agent.load_encoder(args.load_encoder)
+        with writing("the run folder"):
+            os.makedirs(run_dir, exist_ok=True)
+            config = {**vars(args), "device_resolved": str(device), "episode_length_agent_steps": env.episode_length,
+                      "versions": versions()}
+            with atomic_write(os.path.join(run_dir, "config.json")) as f:
+                f.write(json.dumps(config, indent=2).encode())
         loop = {"env_step": 0, "agent_step": 0, "episode": 0, "updates": 0, "next_eval": 0, "last_eval": -1,
                 "next_checkpoint": args.checkpoint_freq, "episode_return": 0.0, "episode_env_steps": 0,
-                "episode_metrics": [], "wall_time": 0.0, "replay_saved": 0}
+                "episode_metrics": [], "wall_time": 0.0, "replay_saved": 0,
+                "pending_action": None, "updates_due": 0}  # an agent step interrupted in its updates
         buffer.add_first(obs)
-    if args.save_video:
-        os.makedirs(os.path.join(run_dir, "video"), exist_ok=True)
+    L = loop
     pixels = args.obs == "pixels"
-    probe_fields = ["probe_r2"] + [f"probe_r2_{name}" for name, _ in eval_env.state_groups] if pixels else []
-    logs["eval.csv"] = CSVLog(os.path.join(run_dir, "eval.csv"), EVAL_FIELDS + probe_fields)
-    if agent.decoder is not None:
-        os.makedirs(os.path.join(run_dir, "recon"), exist_ok=True)
-    from torch.utils.tensorboard import SummaryWriter
-    # On resume, purge_step drops the events logged after the checkpoint, as the CSVs are cut back.
-    tb = SummaryWriter(os.path.join(run_dir, "tb"), purge_step=loop["env_step"] + 1 if args.resume else None)
-    logs["train.csv"] = CSVLog(os.path.join(run_dir, "train.csv"), TRAIN_FIELDS)
+    with writing("the run folder's logs"):
+        if args.save_video:
+            os.makedirs(os.path.join(run_dir, "video"), exist_ok=True)
+        probe_fields = ["probe_r2"] + [f"probe_r2_{name}" for name, _ in eval_env.state_groups] if pixels else []
+        logs["eval.csv"] = CSVLog(os.path.join(run_dir, "eval.csv"), EVAL_FIELDS + probe_fields)
+        if agent.decoder is not None:
+            os.makedirs(os.path.join(run_dir, "recon"), exist_ok=True)
+        from torch.utils.tensorboard import SummaryWriter
+        # On resume, purge_step drops the events logged after the checkpoint, as the CSVs are cut back.
+        tb = SummaryWriter(os.path.join(run_dir, "tb"), purge_step=L["env_step"] + 1 if args.resume else None)
+        logs["train.csv"] = CSVLog(os.path.join(run_dir, "train.csv"), TRAIN_FIELDS)
 
     print(f"[setup] {args.domain}-{args.task} seed {args.seed} | obs {args.obs} decoder {args.decoder} | "
           f"action repeat {repeat}{'' if args.domain in ACTION_REPEAT else ' (default for unlisted domains)'} | "
           f"device {device} | replay {args.buffer_size:,} transitions, {buffer.nbytes / 2**30:.2f} GiB "
           f"({buffer.bytes_per_transition:,.0f} B each) | {run_dir}", flush=True)
 
-    # Timing, for the ETA: one update on a copy of the agent, then the loop's own measurements.
+    # For the ETA: one update timed on a copy of the agent, then the loop's own measurements.
     sec_update = time_one_update(agent, env.obs_shape, env.action_dim, args.batch_size, device)
-    sec_env = 0.0
+    sec_env = time_env_steps(args, env_kwargs)
     total_agent_steps = math.ceil(args.total_steps / repeat)
-    left = max(0, total_agent_steps - max(loop["agent_step"], args.init_steps))
-    if loop["agent_step"] <= args.init_steps < total_agent_steps:
-        left += args.init_updates
-    print(f"[eta] one update takes {sec_update * 1000:.0f} ms on {device}: {left:,} updates to go need about "
-          f"{duration(left * sec_update)} before environment time"
-          + (" -- a full pixel run is a GPU job" if device.type == "cpu" and left * sec_update > 6 * 3600 else ""),
-          flush=True)
-
-    stop = {}
-
-    def on_signal(signum, frame):
-        if stop:
-            raise KeyboardInterrupt  # a second signal: leave at once, without a checkpoint
-        stop["signum"] = signum
-        print(f"[signal] {signal.Signals(signum).name}: finishing this step, then writing a checkpoint "
-              "(send it again to quit without one)", flush=True)
-
-    handlers = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
-    start = time.time() - loop["wall_time"]
-    episode_start = time.time()
-    L = loop
+    # env_clock: acting and stepping the environment; episode_clock: all of a training episode's
+    # work (updates too), for its fps; eval_clock: evaluations. Only this process's work counts.
+    env_clock, eval_clock, episode_clock = Clock(), Clock(), Clock()
 
     def eta():
-        """Seconds left: agent steps x (update + environment step), plus the evaluations' steps."""
-        steps_left = math.ceil((args.total_steps - L["env_step"]) / repeat)
-        evals_left = (args.total_steps - L["env_step"]) // args.eval_freq + 1
-        return steps_left * (sec_update + sec_env) + evals_left * args.eval_episodes * env.episode_length * sec_env
+        """Seconds left: the updates still due, the environment steps, the evaluations."""
+        steps_left = max(0, total_agent_steps - L["agent_step"])
+        n_updates = L["updates_due"] + updates_left(L["agent_step"] + (L["pending_action"] is not None),
+                                                    total_agent_steps, args.init_steps, args.init_updates)
+        evals_left = len(range(L["next_eval"], args.total_steps, args.eval_freq)) + (L["last_eval"] != args.total_steps)
+        eval_steps = evals_left * args.eval_episodes * env.episode_length * repeat
+        sec_env_step = env_clock.seconds / env_clock.steps if env_clock.steps else sec_env
+        sec_eval_step = eval_clock.seconds / eval_clock.steps if eval_clock.steps else sec_env_step
+        return n_updates * sec_update + steps_left * repeat * sec_env_step + eval_steps * sec_eval_step
+
+    n_updates = updates_left(L["agent_step"], total_agent_steps, args.init_steps, args.init_updates) + L["updates_due"]
+    print(f"[eta] one update takes {sec_update * 1000:.0f} ms on {device}, one environment step "
+          f"{sec_env * 1000:.1f} ms: {n_updates:,} updates and "
+          f"{args.total_steps - L['env_step']:,} environment steps to go, about {duration(eta())}"
+          + (" -- a full pixel run is a GPU job" if device.type == "cpu" and n_updates * sec_update > 6 * 3600 else ""),
+          flush=True)
+    start = time.time() - L["wall_time"]
 
     def run_eval():
-        step, began = L["env_step"], time.time()
+        step, began = L["env_step"], time.perf_counter()
         video = os.path.join(run_dir, "video", f"eval_{step}.mp4") if args.save_video else None
         agent.train(False)
         returns, latents, states, sample = evaluate(eval_env, agent, args.eval_episodes, video, probe=pixels)
+        eval_clock.add(time.perf_counter() - began, args.eval_episodes * env.episode_length * repeat)
+        L["last_eval"] = step
+        L["next_eval"] = (step // args.eval_freq + 1) * args.eval_freq
         row = {"env_step": step, "agent_step": L["agent_step"], "episode_return_mean": float(np.mean(returns)),
                "episode_return_std": float(np.std(returns)), "episode_return_min": float(np.min(returns)),
                "episode_return_max": float(np.max(returns)), "episodes": len(returns), "wall_time": time.time() - start}
-        if pixels:
-            row.update(linear_probe(latents, states, eval_env.state_groups))
-            tb.add_scalar("eval/probe_r2", row["probe_r2"], step)
-        if agent.decoder is not None and sample is not None:
-            picture = reconstruction_image(sample, agent.reconstruct(sample))
-            import imageio
-            imageio.imwrite(os.path.join(run_dir, "recon", f"eval_{step}.png"), picture)
-            tb.add_image("eval/reconstruction", picture, step, dataformats="HWC")
+        with writing("eval.csv, TensorBoard events or a reconstruction image"):
+            if pixels:
+                row.update(linear_probe(latents, states, eval_env.state_groups))
+                tb.add_scalar("eval/probe_r2", row["probe_r2"], step)
+            if agent.decoder is not None and sample is not None:
+                picture = reconstruction_image(sample, agent.reconstruct(sample))
+                import imageio
+                imageio.imwrite(os.path.join(run_dir, "recon", f"eval_{step}.png"), picture)
+                tb.add_image("eval/reconstruction", picture, step, dataformats="HWC")
+            logs["eval.csv"].write(row)
+            tb.add_scalar("eval/return", row["episode_return_mean"], step)
+            tb.flush()
         agent.train(True)
-        logs["eval.csv"].write(row)
-        tb.add_scalar("eval/return", row["episode_return_mean"], step)
-        tb.flush()
         print(f"[eval] env_step {step} (agent {L['agent_step']}) | return {row['episode_return_mean']:.1f} "
               f"+- {row['episode_return_std']:.1f} over {len(returns)} episodes"
               + (f" | probe R^2 {row['probe_r2']:.2f}" if pixels else "")
-              + f" | fps {len(returns) * env.episode_length * repeat / max(time.time() - began, 1e-9):.0f}"
+              + f" | fps {len(returns) * env.episode_length * repeat / max(time.perf_counter() - began, 1e-9):.0f}"
               f" | eta {duration(eta())}", flush=True)
 
+    path = None
     try:
         while True:
             finished = L["env_step"] >= args.total_steps
             if L["env_step"] >= L["next_eval"] or (finished and L["last_eval"] != L["env_step"]):
                 run_eval()
-                L["last_eval"] = L["env_step"]
-                L["next_eval"] = (L["env_step"] // args.eval_freq + 1) * args.eval_freq
             if stop or finished or L["env_step"] >= L["next_checkpoint"]:
                 episode_means(L["episode_metrics"])  # raises before a poisoned checkpoint is written
                 L["next_checkpoint"] = (L["env_step"] // args.checkpoint_freq + 1) * args.checkpoint_freq
                 L["wall_time"] = time.time() - start
-                tb.flush()
-                path = save_checkpoint(run_dir, args, L, agent, buffer, env, eval_env, action_rng, logs)
+                with signals_held(stop, critical), writing("a checkpoint"):
+                    tb.flush()
+                    path = save_checkpoint(run_dir, args, L, agent, buffer, env, eval_env, action_rng, logs)
             if stop:
                 print(f"[stopped] checkpoint {path}; resume with: python {sys.argv[0]} --resume {run_dir}", flush=True)
                 return 128 + stop["signum"]
             if finished:
                 break
 
-            if L["agent_step"] < args.init_steps:
-                action = action_rng.uniform(-1.0, 1.0, env.action_dim).astype(np.float32)
-            else:
-                action = agent.act(obs)
-            if L["agent_step"] >= args.init_steps:
-                n = args.init_updates if L["agent_step"] == args.init_steps else 1
+            began, updating = time.perf_counter(), 0.0
+            if L["pending_action"] is None:  # else a resumed step whose updates were interrupted
+                if L["agent_step"] < args.init_steps:
+                    L["pending_action"] = action_rng.uniform(-1.0, 1.0, env.action_dim).astype(np.float32)
+                else:
+                    L["pending_action"] = agent.act(obs)
+                    L["updates_due"] = args.init_updates if L["agent_step"] == args.init_steps else 1
+                    if L["updates_due"] > 1:
+                        print(f"[burst] {L['updates_due']} updates at agent step {L['agent_step']} (authors' "
+                              f"code), about {duration(L['updates_due'] * sec_update)}", flush=True)
+            while L["updates_due"] and not stop:  # a signal stops the burst within one update
                 t0 = time.perf_counter()
-                for _ in range(n):
-                    L["episode_metrics"].append((L["agent_step"], agent.update(buffer.sample(args.batch_size), L["agent_step"])))
-                L["updates"] += n
-                sec_update = 0.9 * sec_update + 0.1 * (time.perf_counter() - t0) / n
-
-            t0 = time.perf_counter()
-            obs, reward, discount, done, steps = env.step(action)
-            sec_env = 0.99 * sec_env + 0.01 * (time.perf_counter() - t0) if sec_env else time.perf_counter() - t0
-            buffer.add(action, reward, discount, obs)
+                L["episode_metrics"].append((L["agent_step"], agent.update(buffer.sample(args.batch_size), L["agent_step"])))
+                L["updates_due"] -= 1
+                L["updates"] += 1
+                updating += time.perf_counter() - t0
+                sec_update = 0.9 * sec_update + 0.1 * (time.perf_counter() - t0)
+            if stop:
+                continue  # the top of the loop writes the checkpoint, the pending step included
+            obs, reward, discount, done, steps = env.step(L["pending_action"])
+            buffer.add(L["pending_action"], reward, discount, obs)
+            L["pending_action"] = None
             L["agent_step"] += 1
             L["env_step"] += steps
             L["episode_env_steps"] += steps
             L["episode_return"] += reward
+            episode_clock.add(time.perf_counter() - began, steps)
+            env_clock.add(time.perf_counter() - began - updating, steps)
 
             if done or L["env_step"] >= args.total_steps:
-                fps = L["episode_env_steps"] / max(time.time() - episode_start, 1e-9)
+                # fps: environment steps per second of training (acting, updating, stepping) in this
+                # process; evaluations and checkpoints are not counted.
                 row = {"env_step": L["env_step"], "agent_step": L["agent_step"], "episode": L["episode"],
                        "episode_return": L["episode_return"], "episode_length": L["episode_env_steps"],
-                       "updates": L["updates"], "fps": fps, "wall_time": time.time() - start,
+                       "updates": L["updates"], "fps": episode_clock.fps, "wall_time": time.time() - start,
                        **episode_means(L["episode_metrics"])}
-                logs["train.csv"].write(row)
-                for tag, key in TENSORBOARD_TAGS.items():
-                    if key in row:
-                        tb.add_scalar(tag, row[key], L["env_step"])
+                with writing("train.csv or TensorBoard events"):
+                    logs["train.csv"].write(row)
+                    for tag, key in TENSORBOARD_TAGS.items():
+                        if key in row:
+                            tb.add_scalar(tag, row[key], L["env_step"])
                 print(f"[train] env_step {L['env_step']} (agent {L['agent_step']}) | episode {L['episode']} | "
-                      f"return {L['episode_return']:.1f} | fps {fps:.1f} | eta {duration(eta())}", flush=True)
+                      f"return {L['episode_return']:.1f} | fps {episode_clock.fps:.1f} | eta {duration(eta())}",
+                      flush=True)
                 L.update(episode=L["episode"] + 1, episode_return=0.0, episode_env_steps=0, episode_metrics=[])
-                episode_start = time.time()
+                episode_clock = Clock()
                 if done:
                     obs = env.reset()
                     buffer.add_first(obs)
     except NonFiniteError as e:
+        if "action" in str(e):  # name the loss that went first, if one did
+            try:
+                episode_means(L["episode_metrics"])
+            except NonFiniteError as first:
+                e = first
+        raise NonFiniteError(f"{e} (agent step {L['agent_step']}, env step {L['env_step']}); stopped without "
+                             f"writing a checkpoint; last good checkpoint: {latest_checkpoint(run_dir) or 'none yet'}") from None
+    except WriteError as e:
         last = latest_checkpoint(run_dir)
-        raise NonFiniteError(f"{e} (env step about {L['env_step']}); stopped without writing a checkpoint; "
-                             f"last good checkpoint: {last or 'none yet'}") from None
+        raise WriteError(f"{e}; " + (f"the last complete checkpoint {last} is intact: free space, then resume with "
+                                     f"python {sys.argv[0]} --resume {run_dir}" if last else
+                                     "no checkpoint was written yet: free space and start the run again")) from None
     finally:
-        for s, h in handlers.items():
-            signal.signal(s, h)
         for log in logs.values():
-            log.close()
-        tb.close()
+            with contextlib.suppress(OSError):  # a full disk fails the close too; the error is already raised
+                log.close()
+        with contextlib.suppress(Exception):
+            tb.close()
 
-    export_model(run_dir, args, agent)
+    with signals_held(stop, critical), writing("model.pt"):
+        export_model(run_dir, args, agent)
     print(f"[done] {L['env_step']} environment steps in {duration(time.time() - start)}; weights in "
           f"{os.path.join(run_dir, 'model.pt')}; run folder {run_dir}", flush=True)
     return 0
 
 
 # ============================================================================ benchmark
+def peak_resident_bytes():
+    """The process's peak resident memory (Linux reports kilobytes, macOS bytes)."""
+    import resource
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024
+
+
 def benchmark(args):
     """Time updates on a buffer of random frames, and environment steps; print a table and one line."""
     device = pick_device(args.device)
@@ -1489,7 +1653,11 @@ def benchmark(args):
             ("  of which sampling", f"{ms_sample:.1f}"),
             ("updates per second", f"{1000 / ms_update:.2f}"),
             ("env steps per second", f"{env_sps:.0f}  (action repeat {args.action_repeat}, rendering included)"),
-            ("replay bytes per transition", f"{buffer.bytes_per_transition:,.0f}")]
+            ("replay bytes per transition", f"{buffer.bytes_per_transition:,.0f}"),
+            ("peak resident memory", f"{peak_resident_bytes() / 2**30:.2f} GiB")]
+    if device.type == "cuda":
+        rows.append(("peak CUDA memory", f"{torch.cuda.max_memory_allocated(device) / 2**30:.2f} GiB allocated, "
+                                         f"{torch.cuda.max_memory_reserved(device) / 2**30:.2f} GiB reserved"))
     width = max(len(k) for k, _ in rows)
     for k, v in rows:
         print(f"{k:<{width}}  {v}")
@@ -1498,14 +1666,30 @@ def benchmark(args):
 
 
 # ============================================================================ plots
+def read_eval_csv(path):
+    """(env_step, mean, std) arrays of an eval.csv; UsageError if it is not one."""
+    try:
+        with open(path, newline="") as f:
+            rows = list(csv.DictReader(f))
+        columns = ("env_step", "episode_return_mean", "episode_return_std")
+        table = np.array([[float(r[c]) for c in columns] for r in rows]).reshape(-1, 3)
+    except OSError as e:
+        raise UsageError(f"--plot {path}: cannot read it ({e.strerror})") from None
+    except (KeyError, TypeError, ValueError, UnicodeDecodeError, csv.Error):
+        raise UsageError(f"--plot {path}: not an eval.csv written by sac_ae.py (needs the columns "
+                         "env_step, episode_return_mean, episode_return_std)") from None
+    if not len(table):
+        raise UsageError(f"--plot {path}: no evaluation rows yet")
+    return table.T
+
+
 def plot(paths):
     """eval.csv -> learning_curve.png beside it: mean return with a +-1 std band over env steps."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     for path in paths:
-        with open(path) as f:
-            rows = list(csv.DictReader(f))
+        x, y, s = read_eval_csv(path)
         folder = os.path.dirname(os.path.abspath(path))
         title = os.path.basename(folder)
         if os.path.isfile(os.path.join(folder, "config.json")):
@@ -1514,9 +1698,6 @@ def plot(paths):
             mode = "SAC:state" if c["obs"] == "state" else {"pixel": "SAC+AE", "none": "SAC:pixel", "vae": "SAC+VAE"}[c["decoder"]]
             title = f"{c['domain']} {c['task']}, {mode}, seed {c['seed']}, batch {c['batch_size']}"
             title += f", {c['image_size']}px" if c["obs"] == "pixels" else ""
-        x = np.array([float(r["env_step"]) for r in rows])
-        y = np.array([float(r["episode_return_mean"]) for r in rows])
-        s = np.array([float(r["episode_return_std"]) for r in rows])
         fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
         ax.plot(x, y, marker="o", markersize=3)
         ax.fill_between(x, y - s, y + s, alpha=0.25)
@@ -1524,32 +1705,50 @@ def plot(paths):
         ax.grid(alpha=0.3)
         fig.tight_layout()
         out = os.path.join(folder, "learning_curve.png")
-        fig.savefig(out)
+        with writing(out):
+            fig.savefig(out)
         plt.close(fig)
         print(f"[plot] {out}")
 
 
 # ============================================================================ main
+def out_of_memory(e):
+    return isinstance(e, (MemoryError, torch.OutOfMemoryError)) or (
+        isinstance(e, RuntimeError) and ("can't allocate memory" in str(e) or "out of memory" in str(e)))
+
+
 def main(argv=None):
+    args = None
     try:
         args = parse_args(argv)
-    except RenderError as e:
-        print(f"sac_ae.py: error: {e}", file=sys.stderr)
-        return 1
-    try:
         if args.plot:
             return plot(args.plot)
         return benchmark(args) if args.benchmark else train(args)
     except UsageError as e:
         print(f"sac_ae.py: error: {e}", file=sys.stderr)
         return 2
-    except (RenderError, NonFiniteError) as e:
+    except (RenderError, NonFiniteError, WriteError) as e:
         print(f"sac_ae.py: error: {e}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
-        print(f"sac_ae.py: interrupted twice: no checkpoint written; resume from the last one with "
-              f"--resume {args.out_dir}", file=sys.stderr)
-        return 130
+    except (KeyboardInterrupt, Interrupted) as e:
+        signum = getattr(e, "signum", signal.SIGINT)
+        run_dir = getattr(args, "out_dir", None) if args is not None and not args.benchmark else None
+        last = latest_checkpoint(run_dir) if run_dir and os.path.isdir(run_dir) else None
+        how = f"a second {signal.Signals(signum).name}" if isinstance(e, Interrupted) else "SIGINT"
+        print(f"sac_ae.py: interrupted ({how}): stopped without writing a "
+              "checkpoint; " + (f"resume from the last one with: python {sys.argv[0]} --resume {run_dir}" if last
+                                else "no checkpoint exists yet, so start the run again"), file=sys.stderr)
+        return 128 + signum
+    except Exception as e:
+        if out_of_memory(e):
+            print(f"sac_ae.py: error: out of memory ({str(e).splitlines()[0][:160]}); lower --hidden-dim, "
+                  "--batch-size, --image-size or --buffer-size", file=sys.stderr)
+            return 1
+        if type(e).__name__ == "PhysicsError":  # dm_control's simulator diverged
+            print(f"sac_ae.py: error: the simulation became unstable ({e}); rerun with another --seed "
+                  "or a lower learning rate", file=sys.stderr)
+            return 1
+        raise
 
 
 if __name__ == "__main__":

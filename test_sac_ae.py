@@ -873,6 +873,7 @@ def exported_agent(tmp_path, *extra):
 def test_load_encoder_copies_conv_and_heads_exactly(tmp_path):
     source = exported_agent(tmp_path)
     agent, _ = make_agent("--load-encoder", str(tmp_path), action_dim=1)
+    agent.load_encoder(str(tmp_path))  # as train() does for a new run (a resumed one has its checkpoint)
     for mine, theirs in ((agent.critic.encoder, source.critic.encoder), (agent.critic_target.encoder, source.critic.encoder),
                          (agent.actor.encoder.head, source.actor.encoder.head)):
         for (name, a), (_, b) in zip(mine.state_dict().items(), theirs.state_dict().items()):
@@ -883,6 +884,7 @@ def test_load_encoder_copies_conv_and_heads_exactly(tmp_path):
 def test_freeze_encoder_keeps_loaded_weights_fixed_through_training(tmp_path):
     exported_agent(tmp_path)
     agent, args = make_agent("--load-encoder", str(tmp_path), "--freeze-encoder", action_dim=1)
+    agent.load_encoder(str(tmp_path))
     frozen = {n: p.detach().clone() for n, p in agent.critic.encoder.named_parameters()}
     actor_head = [p.detach().clone() for p in agent.actor.encoder.head.parameters()]
     q_before = agent.critic.Q1[0].weight.detach().clone()

@@ -1248,6 +1248,8 @@ def render_on_training_gpu(device_name):
         return
     index = int(device_name.partition(":")[2] or 0)
     visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is None and torch.cuda.device_count() == 1:
+        return  # one GPU: EGL finds it by itself
     if visible is not None:
         ids = [v.strip() for v in visible.split(",")]
         if index >= len(ids) or not ids[index].isdigit():

@@ -1,5 +1,6 @@
 """Specification of sac_ae.py as tests: one behaviour per test, real dm_control where cheap."""
 import collections
+import contextlib
 import copy
 import csv
 import json
@@ -377,6 +378,7 @@ def test_baselines_run_from_the_command_line(tmp_path):
         assert float(train[-1]["critic_loss"]) > 0 and train[-1]["ae_loss"] == ""
         assert len(read_csv(tmp_path / name / "eval.csv")) == 3
     assert json.loads((tmp_path / "state" / "config.json").read_text())["frame_stack"] == 1
+    assert np.isfinite(run_readme_snippet(tmp_path / "state")["action"]).all()
 
 
 @pytest.mark.parametrize("argv,needle", [
@@ -397,6 +399,12 @@ def test_baselines_run_from_the_command_line(tmp_path):
     (["--resume", "runs/x", "--benchmark"], "--benchmark cannot be combined with --resume"),
     (["--decoder", "none", "--ae-grad", "separate"], "--ae-grad separate needs a decoder"),
     (["--no-such-flag"], "unrecognized"),
+    (["--actor-log-std-min", "nan"], "--actor-log-std-min"),
+    (["--init-temperature", "inf"], "--init-temperature"),
+    (["--critic-lr", "nan"], "--critic-lr"),
+    (["--device", "cuda:x"], "--device"),
+    (["--plot", os.path.join(HERE, "README.md")], "not an eval.csv"),
+    (["--plot", os.path.join(HERE, "no-such.csv")], "cannot read it"),
 ] + ([(["--device", "cuda"], "CUDA is not available")] if not torch.cuda.is_available() else []))
 def test_bad_input_is_one_line_exit_2_and_writes_nothing(tmp_path, capsys, argv, needle):
     out = tmp_path / "never"
@@ -799,17 +807,22 @@ def test_nan_loss_stops_the_run_naming_loss_and_step_and_keeps_last_good_checkpo
     assert not (tmp_path / "run" / "model.pt").exists()
 
 
-def test_exported_model_loads_with_plain_torch_load_as_readme_shows(reference_run):
-    import argparse
-    w = torch.load(reference_run / "model.pt", weights_only=True)
-    args = argparse.Namespace(**w["config"])
-    env = sac_ae.DMCEnv(args.domain, args.task, seed=0, obs=args.obs, image_size=args.image_size,
-                        frame_stack=args.frame_stack, action_repeat=args.action_repeat)
-    agent = sac_ae.SACAE(env.obs_shape, env.action_dim, torch.device("cpu"), args)
-    agent.critic.load_state_dict(w["critic"])
-    agent.actor.load_state_dict(w["actor"])
-    action = agent.act(env.reset(), deterministic=True)
-    assert action.shape == (1,) and torch.equal(agent.actor.policy[0].weight, w["actor"]["policy.0.weight"])
+def run_readme_snippet(run_dir):
+    """Execute README.md's model.pt snippet, as printed there, on run_dir; return its namespace."""
+    with open(os.path.join(HERE, "README.md")) as f:
+        blocks = f.read().split("```python\n")[1:]
+    snippet = [b.split("```")[0] for b in blocks if "RUN_DIR/model.pt" in b]
+    assert len(snippet) == 1, "README.md should hold one python block loading RUN_DIR/model.pt"
+    namespace = {}
+    exec(snippet[0].replace("RUN_DIR", str(run_dir)), namespace)
+    return namespace
+
+
+def test_readme_model_snippet_acts_with_the_exported_weights(reference_run):
+    ns = run_readme_snippet(reference_run)
+    w, agent, action = ns["w"], ns["agent"], ns["action"]
+    assert action.shape == (1,) and np.isfinite(action).all()
+    assert torch.equal(agent.actor.policy[0].weight, w["actor"]["policy.0.weight"])
 
 
 # ---------------------------------------------------------------------------- the paper's variants
@@ -927,6 +940,7 @@ def test_paper_variants_run_from_the_command_line(tmp_path, reference_run):
     for name, result in zip(variants, results):
         assert result.returncode == 0, result.stderr[-2000:]
         assert len(read_csv(tmp_path / name / "eval.csv")) == 2
+        assert np.isfinite(run_readme_snippet(tmp_path / name)["action"]).all()
 
 
 # ---------------------------------------------------------------------------- CUDA
@@ -1027,3 +1041,198 @@ def test_cuda_fast_modes_stay_finite_and_keep_float32_parameters(extra):
     assert all(torch.isfinite(v).all() for v in metrics.values()), metrics
     for module in agent.modules().values():
         assert all(p.dtype == torch.float32 and torch.isfinite(p).all() for p in module.parameters())
+
+
+# ---------------------------------------------------------------------------- faults
+def one_line_error(capsys):
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in lines[0], lines
+    return lines[0]
+
+
+def test_nan_action_stops_before_the_simulator_naming_the_loss_and_step(tmp_path, capsys):
+    # alpha = exp(log 1e300) is inf in float32: the first update's Bellman target is not finite.
+    out = tmp_path / "run"
+    assert sac_ae.main([*TINY_RUN, "--init-temperature", "1e300", "--out-dir", str(out)]) == 1
+    line = one_line_error(capsys)
+    assert "critic_loss became" in line and "at agent step 30" in line and "PhysicsError" not in line
+    assert [step for step, _, _ in sac_ae.checkpoints(str(out))] == [200]  # the last good one, kept
+    assert str(sac_ae.checkpoints(str(out))[-1][2]) in line
+
+
+def test_nan_action_in_evaluation_is_refused_too(monkeypatch):
+    agent, args = make_agent(action_dim=1)
+    with torch.no_grad():
+        agent.actor.policy[-1].bias.fill_(float("nan"))
+    env = sac_ae.DMCEnv("cartpole", "swingup", seed=0, image_size=args.image_size, action_repeat=8)
+    with pytest.raises(sac_ae.NonFiniteError, match="action became"):
+        sac_ae.evaluate(env, agent, episodes=1)
+
+
+def test_checkpoint_with_a_flipped_byte_is_refused_and_changes_nothing(tmp_path, reference_run):
+    import zipfile
+    out = tmp_path / "run"
+    shutil.copytree(reference_run, out)
+    latest = sorted((out / "checkpoints").glob("ckpt_*.pt"))[-1]
+    with zipfile.ZipFile(latest) as z:  # a byte in the middle of the largest tensor's data
+        member = max((i for i in z.infolist() if "/data/" in i.filename), key=lambda i: i.file_size)
+    data = bytearray(latest.read_bytes())
+    name_len, extra_len = int.from_bytes(data[member.header_offset + 26:member.header_offset + 28], "little"), \
+        int.from_bytes(data[member.header_offset + 28:member.header_offset + 30], "little")
+    data[member.header_offset + 30 + name_len + extra_len + member.file_size // 2] ^= 0x01
+    latest.write_bytes(bytes(data))
+    before = folder_digest(out)
+    result = run_cli("--resume", str(out), "--total-steps", "2000")
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2 and len(lines) == 1 and "CRC" in lines[0], result.stderr
+    assert folder_digest(out) == before
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_second_signal_while_a_checkpoint_is_written_exits_cleanly(tmp_path, monkeypatch, capsys, sig):
+    save = sac_ae.save_checkpoint
+
+    def signalled_twice(*a, **k):  # both signals arrive while the checkpoint is being written
+        os.kill(os.getpid(), sig)
+        os.kill(os.getpid(), sig)
+        return save(*a, **k)
+
+    monkeypatch.setattr(sac_ae, "save_checkpoint", signalled_twice)
+    out = tmp_path / "run"
+    assert sac_ae.main([*TINY_RUN, "--out-dir", str(out)]) == 128 + sig
+    line = one_line_error(capsys)
+    assert f"a second {signal.Signals(sig).name}" in line and f"--resume {out}" in line
+    found = sac_ae.checkpoints(str(out))
+    assert [step for step, _, _ in found] == [200] and not list((out / "checkpoints").glob("*.tmp"))
+    torch.load(found[0][2], weights_only=False)  # complete and loadable
+
+
+def test_interrupted_before_any_checkpoint_does_not_offer_resume(tmp_path, monkeypatch, capsys):
+    def interrupted_twice(*a, **k):
+        os.kill(os.getpid(), signal.SIGINT)
+        os.kill(os.getpid(), signal.SIGINT)
+        return 0.01
+
+    monkeypatch.setattr(sac_ae, "time_one_update", interrupted_twice)
+    assert sac_ae.main([*TINY_RUN, "--out-dir", str(tmp_path / "run")]) == 130
+    line = one_line_error(capsys)
+    assert "no checkpoint exists yet" in line and "--resume" not in line
+
+
+def test_out_dir_that_cannot_be_made_is_refused_before_work(tmp_path, capsys):
+    (tmp_path / "file").write_text("x")
+    for out, needle in ((tmp_path / "file" / "run", "is a file"), ("", "--out-dir is empty"),
+                        (tmp_path / "file", "is a file")):
+        with pytest.raises(SystemExit) as exit_info:
+            sac_ae.main(["--domain", "cartpole", "--task", "swingup", "--out-dir", str(out)])
+        assert exit_info.value.code == 2 and needle in one_line_error(capsys)
+
+
+@pytest.fixture
+def tmpfs(tmp_path):
+    """A small filesystem of its own (needs root, as CI runs); skipped where mounting is refused."""
+    mounted = []
+
+    def mount(options):
+        point = tmp_path / f"fs{len(mounted)}"
+        point.mkdir()
+        if subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(point)], capture_output=True).returncode:
+            pytest.skip("cannot mount a tmpfs here (needs root)")
+        mounted.append(point)
+        return point
+
+    yield mount
+    for point in mounted:
+        subprocess.run(["umount", "-l", str(point)], capture_output=True)
+
+
+def test_read_only_out_dir_is_refused_before_work(tmpfs, capsys):
+    read_only = tmpfs("ro,size=1m")
+    with pytest.raises(SystemExit) as exit_info:
+        sac_ae.main(["--domain", "cartpole", "--task", "swingup", "--out-dir", str(read_only / "run")])
+    assert exit_info.value.code == 2 and "read-only" in one_line_error(capsys)
+
+
+def test_disk_full_ends_in_one_line_keeps_the_checkpoint_and_the_run_resumes(tmpfs, reference_run):
+    disk = tmpfs("size=64m")
+    out = disk / "run"
+    proc = subprocess.Popen([sys.executable, SCRIPT, *TINY_RUN, "--out-dir", str(out)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=dict(os.environ, PYTHONUNBUFFERED="1"), cwd=HERE)
+    for line in proc.stdout:
+        if "[eval] env_step 400" in line:  # after the checkpoint at 200: fill the disk
+            with open(disk / "filler", "wb") as f:
+                with contextlib.suppress(OSError):
+                    while True:
+                        f.write(b"\0" * 2**20)
+                        f.flush()
+            break
+    out_rest, err = proc.communicate(timeout=300)
+    lines = err.strip().splitlines()
+    assert proc.returncode == 1 and len(lines) == 1, err
+    assert "No space left on device" in lines[0] and "is intact" in lines[0] and f"--resume {out}" in lines[0]
+    assert not list(out.rglob("*.tmp"))
+    (disk / "filler").unlink()
+    result = run_cli("--resume", str(out))
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert_same_run(out, reference_run)
+
+
+def test_image_size_beyond_the_offscreen_buffer_is_one_line(tmp_path, capsys):
+    assert sac_ae.main(["--domain", "cartpole", "--task", "swingup", "--image-size", "1000",
+                        "--out-dir", str(tmp_path / "run")]) == 2
+    assert "offscreen buffer (640x480); use at most 480" in one_line_error(capsys)
+    assert not (tmp_path / "run").exists()
+
+
+def test_networks_too_large_for_memory_are_one_line(tmp_path, capsys):
+    assert sac_ae.main([*TINY_RUN, "--hidden-dim", "2000000", "--out-dir", str(tmp_path / "run")]) == 1
+    assert "out of memory" in one_line_error(capsys)
+    assert not (tmp_path / "run").exists()
+
+
+def test_plot_refuses_an_empty_eval_csv(tmp_path, capsys):
+    empty = tmp_path / "eval.csv"
+    empty.write_text("env_step,agent_step,episode_return_mean,episode_return_std\n")
+    with pytest.raises(SystemExit) as exit_info:
+        sac_ae.main(["--plot", str(empty)])
+    assert exit_info.value.code == 2 and "no evaluation rows" in one_line_error(capsys)
+
+
+BURST_RUN = [*TINY_RUN[:TINY_RUN.index("--total-steps")], "--total-steps", "400", "--init-updates", "1500",
+             *TINY_RUN[TINY_RUN.index("--total-steps") + 2:]]
+
+
+def test_sigint_in_the_burst_stops_within_an_update_and_resumes_identically(tmp_path):
+    reference, out = tmp_path / "reference", tmp_path / "run"
+    uninterrupted = subprocess.Popen([sys.executable, SCRIPT, *BURST_RUN, "--out-dir", str(reference)],
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=HERE,
+                                     env=dict(os.environ))  # thread counts alike: oneDNN sums by thread
+    proc = subprocess.Popen([sys.executable, SCRIPT, *BURST_RUN, "--out-dir", str(out)], stdout=subprocess.PIPE,
+                            stderr=subprocess.DEVNULL, text=True, cwd=HERE,
+                            env=dict(os.environ, PYTHONUNBUFFERED="1"))
+    for line in proc.stdout:
+        if line.startswith("[burst]"):
+            time.sleep(1.0)  # some updates in: the burst is about 10 s long here
+            proc.send_signal(signal.SIGINT)
+            break
+    proc.communicate(timeout=300)
+    assert proc.returncode == 130
+    payload = torch.load(sac_ae.checkpoints(str(out))[-1][2], weights_only=False)
+    assert 0 < payload["loop"]["updates_due"] < 1500 and payload["loop"]["pending_action"] is not None
+    result = run_cli("--resume", str(out))
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "of its burst still to run" in result.stdout
+    assert uninterrupted.wait(timeout=300) == 0, uninterrupted.stderr.read()[-2000:]
+    assert_same_run(out, reference)
+
+
+def test_updates_left_counts_the_burst_then_one_per_agent_step():
+    def by_hand(agent_step, total, init_steps, init_updates):  # the training loop's rule, step by step
+        return sum(init_updates if s == init_steps else 1 for s in range(agent_step, total) if s >= init_steps)
+
+    for total, init_steps, init_updates in ((1250, 1000, 1000), (500, 1000, 1000), (40, 10, 3), (40, 10, 1)):
+        for agent_step in range(0, total + 1, 5):
+            assert sac_ae.updates_left(agent_step, total, init_steps, init_updates) == \
+                by_hand(agent_step, total, init_steps, init_updates), (agent_step, total, init_steps)
+    # The cartpole run of 10k env steps (1,250 agent steps) at env step 8,000: the burst is ahead.
+    assert sac_ae.updates_left(1000, 1250, 1000, 1000) == 1249

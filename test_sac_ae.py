@@ -947,12 +947,24 @@ def test_paper_variants_run_from_the_command_line(tmp_path, reference_run):
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (none visible)")
 
 
+TORCH_RAND = torch.rand  # the original, whatever a test patches
+
+
 def fixed_noise(monkeypatch, seed=0):
     """Draw the update's noise (actions, dequantisation, VAE) on the CPU, so both devices see the same."""
     g = torch.Generator().manual_seed(seed)
-    rand = torch.rand
     monkeypatch.setattr(torch, "randn_like", lambda t: torch.randn(t.shape, generator=g).to(t.device, t.dtype))
-    monkeypatch.setattr(torch, "rand", lambda size, device=None: rand(size, generator=g).to(device))
+    monkeypatch.setattr(torch, "rand", lambda size, device=None: TORCH_RAND(size, generator=g).to(device))
+
+
+def test_fixed_noise_gives_two_updates_the_same_draws(monkeypatch):
+    agents = [make_agent()[0] for _ in range(2)]
+    batch = random_batch(agents[0], agents[0].args)
+    for agent in agents:  # patched twice in one test, as the CUDA comparison does
+        fixed_noise(monkeypatch)
+        agent.update(batch, step=2)
+    for name, value in agent_state(agents[0]).items():
+        assert torch.equal(value, agent_state(agents[1])[name]), name
 
 
 @cuda

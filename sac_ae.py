@@ -14,6 +14,7 @@ import collections
 import contextlib
 import copy
 import csv
+import functools
 import json
 import math
 import os
@@ -622,6 +623,38 @@ class Encoder(nn.Module):
         return self.head(h.detach() if detach_trunk else h)
 
 
+class CUDAGraphed:
+    """fn(*tensors) -> dict of tensors, replayed from a CUDA graph after a few eager calls.
+
+    The pattern of PyTorch's "whole-network capture": warm-up calls on a side stream (they do
+    their work: lazy set-up such as cuDNN plans and optimizer state happens there), then one
+    capture into static input and output tensors, then replays. Every call does its work once.
+    """
+
+    def __init__(self, fn, warmup=3):
+        self.fn, self.warmup, self.graph = fn, warmup, None
+
+    def __call__(self, *inputs):
+        if self.graph is None and self.warmup > 0:
+            self.warmup -= 1
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                out = self.fn(*inputs)
+            torch.cuda.current_stream().wait_stream(side)
+            return out
+        if self.graph is None:
+            self.inputs = [x.clone() for x in inputs]
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph):  # records the kernels; the replay below runs them
+                self.outputs = self.fn(*self.inputs)
+        else:
+            for static, x in zip(self.inputs, inputs):
+                static.copy_(x, non_blocking=True)
+        self.graph.replay()
+        return self.outputs
+
+
 def kl_to_standard_normal(mu, log_var):
     """KL(N(mu, exp(log_var)) || N(0, I)), summed over latent dims, averaged over the batch."""
     return (0.5 * (mu.pow(2) + log_var.exp() - 1 - log_var).sum(dim=1)).mean()
@@ -717,7 +750,9 @@ class SACAE:
     def __init__(self, obs_shape, action_dim, device, args):
         self.device, self.args = device, args
         # Autocast for the forward passes only; parameters, losses and Adam stay float32.
-        self.amp = lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.precision == "bf16")
+        # (No autocast cache: a CUDA graph cannot capture it.)
+        self.amp = lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.precision == "bf16",
+                                          cache_enabled=False)
         if args.obs == "pixels":
             trunk = ConvTrunk(obs_shape[0], args.image_size, args.num_filters, args.num_conv_layers)
             trunk.apply(weight_init)
@@ -747,7 +782,8 @@ class SACAE:
         # The actor's optimizer owns its head and MLP, never the shared trunk.
         actor_params = [p for n, p in self.actor.named_parameters() if not n.startswith("encoder.trunk.") and p.requires_grad]
         critic_params = [p for p in self.critic.parameters() if p.requires_grad]  # --freeze-encoder leaves some out
-        adam = dict(fused=True)  # one kernel per optimizer step
+        # One kernel per optimizer step; capturable (step counts on the GPU) for CUDA graphs.
+        adam = dict(fused=True, capturable=args.compile and device.type == "cuda")
         self.actor_opt = torch.optim.Adam(actor_params, lr=args.actor_lr, betas=(args.actor_beta, 0.999), **adam)
         self.critic_opt = torch.optim.Adam(critic_params, lr=args.critic_lr, betas=(args.critic_beta, 0.999), **adam)
         self.log_alpha_opt = torch.optim.Adam([self.log_alpha], lr=args.alpha_lr, betas=(args.alpha_beta, 0.999), **adam)
@@ -758,13 +794,7 @@ class SACAE:
             self.decoder_opt = torch.optim.Adam(self.decoder.parameters(), lr=args.decoder_lr,
                                                 weight_decay=args.decoder_weight_decay, **adam)
         self.actor_params = actor_params
-        if args.compile:
-            # In place, so parameter names and sharing stay as they are; CUDA graphs on GPU.
-            mode = "reduce-overhead" if device.type == "cuda" else None
-            for m in self.modules().values():
-                for sub in m.modules():
-                    if isinstance(sub, nn.Sequential):  # trunk convs, heads, Q and policy MLPs, deconvs
-                        sub.compile(mode=mode)
+        self.compiled = {}  # --compile: one compiled update_step per combination of parts, made at first use
 
     def to(self, device):
         for m in self.modules().values():
@@ -812,6 +842,9 @@ class SACAE:
     def load_state_dict(self, state):
         for k, m in {**self.modules(), **self.optimizers()}.items():
             m.load_state_dict(state[k])
+            if isinstance(m, torch.optim.Optimizer):  # a checkpoint from another device or mode
+                for group in m.param_groups:
+                    group["capturable"] = self.args.compile and self.device.type == "cuda"
         with torch.no_grad():
             self.log_alpha.copy_(state["log_alpha"])
 
@@ -846,14 +879,24 @@ class SACAE:
 
     def update(self, batch, step):
         """One update of SPEC 4. `step` is the agent step: even steps also move actor and targets."""
-        obs, action, reward, next_obs, not_done = batch
+        parts = dict(do_actor=step % self.args.actor_update_freq == 0,
+                     do_targets=step % self.args.target_update_freq == 0,
+                     do_ae=self.decoder is not None and step % self.args.ae_update_freq == 0)
+        if self.args.compile:
+            metrics = self.compiled_step(parts)(*batch)
+        else:
+            metrics = self.update_step(*batch, **parts)
+        # The caller keeps these until its next host sync. A reduced loss can be a 0-d view of the
+        # whole element-wise buffer (F.mse_loss on CPU: 32 MB at batch 128), so copy each value
+        # out: the kept metrics then hold 4 bytes each, not the batch's buffers.
+        return {k: v.detach().clone() for k, v in metrics.items()}
+
+    def update_step(self, obs, action, reward, next_obs, not_done, do_actor, do_targets, do_ae):
         pixels = obs  # uint8: the autoencoder's target is made from these
         if self.args.obs == "pixels":  # scale each batch once for the four trunk passes that read it
             trunk = self.critic.encoder.trunk
             obs, next_obs = trunk.scale(obs), trunk.scale(next_obs)
         metrics = self.update_critic(obs, action, reward, next_obs, not_done)
-        do_actor = step % self.args.actor_update_freq == 0
-        do_ae = self.decoder is not None and step % self.args.ae_update_freq == 0
         if do_actor or do_ae:
             # The critic step just moved the trunk; the actor step cannot, so the post-step conv
             # features and critic latent serve the actor, its Q evaluation and the autoencoder.
@@ -862,14 +905,36 @@ class SACAE:
                 z = self.critic.encoder.head(h).float()
             if do_actor:
                 metrics.update(self.update_actor_and_alpha(h.detach(), z.detach()))
-        if step % self.args.target_update_freq == 0:
+        if do_targets:
             self.update_targets()
         if do_ae:
             metrics.update(self.update_autoencoder(pixels, h, z))
-        # The caller keeps these until its next host sync. A reduced loss can be a 0-d view of the
-        # whole element-wise buffer (F.mse_loss on CPU: 32 MB at batch 128), so copy each value
-        # out: the kept metrics then hold 4 bytes each, not the batch's buffers.
-        return {k: v.detach().clone() for k, v in metrics.items()}
+        return metrics
+
+    def compiled_step(self, parts):
+        """update_step with these parts, through torch.compile, and on CUDA replayed from a CUDA
+        graph (a few hundred small kernels launched as one); the first use compiles it."""
+        key = tuple(parts.values())
+        if key not in self.compiled:
+            step = torch.compile(functools.partial(self.update_step, **parts))
+            self.compiled[key] = CUDAGraphed(step) if self.device.type == "cuda" else step
+            self.compiled[key].first_call = True
+        fn = self.compiled[key]
+        if not fn.first_call:
+            return fn
+        fn.first_call = False
+
+        def timed(*batch):
+            began = time.perf_counter()
+            metrics = fn(*batch)
+            names = [name[3:] for name, on in parts.items() if on]
+            print(f"[compile] update with critic{''.join(', ' + n for n in names)}: compiled in "
+                  f"{time.perf_counter() - began:.1f} s", flush=True)
+            return metrics
+        return timed
+
+    def __getstate__(self):  # copies (the ETA's timing probe) compile their own update
+        return {**self.__dict__, "compiled": {}}
 
     def update_critic(self, obs, action, reward, next_obs, not_done):
         with torch.no_grad(), self.amp():
@@ -1278,6 +1343,7 @@ def versions():
 def time_one_update(agent, obs_shape, action_dim, batch_size, device):
     """Seconds per update, measured on a throwaway copy of the agent (the run's RNG is untouched)."""
     probe = copy.deepcopy(agent)
+    probe.args = argparse.Namespace(**{**vars(agent.args), "compile": False})  # eager: no compile wait
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         obs = torch.zeros((batch_size, *obs_shape), dtype=torch.uint8 if len(obs_shape) == 3 else torch.float32,
                           device=device)

@@ -623,38 +623,6 @@ class Encoder(nn.Module):
         return self.head(h.detach() if detach_trunk else h)
 
 
-class CUDAGraphed:
-    """fn(*tensors) -> dict of tensors, replayed from a CUDA graph after a few eager calls.
-
-    The pattern of PyTorch's "whole-network capture": warm-up calls on a side stream (they do
-    their work: lazy set-up such as cuDNN plans and optimizer state happens there), then one
-    capture into static input and output tensors, then replays. Every call does its work once.
-    """
-
-    def __init__(self, fn, warmup=3):
-        self.fn, self.warmup, self.graph = fn, warmup, None
-
-    def __call__(self, *inputs):
-        if self.graph is None and self.warmup > 0:
-            self.warmup -= 1
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):
-                out = self.fn(*inputs)
-            torch.cuda.current_stream().wait_stream(side)
-            return out
-        if self.graph is None:
-            self.inputs = [x.clone() for x in inputs]
-            self.graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(self.graph):  # records the kernels; the replay below runs them
-                self.outputs = self.fn(*self.inputs)
-        else:
-            for static, x in zip(self.inputs, inputs):
-                static.copy_(x, non_blocking=True)
-        self.graph.replay()
-        return self.outputs
-
-
 def kl_to_standard_normal(mu, log_var):
     """KL(N(mu, exp(log_var)) || N(0, I)), summed over latent dims, averaged over the batch."""
     return (0.5 * (mu.pow(2) + log_var.exp() - 1 - log_var).sum(dim=1)).mean()
@@ -750,9 +718,7 @@ class SACAE:
     def __init__(self, obs_shape, action_dim, device, args):
         self.device, self.args = device, args
         # Autocast for the forward passes only; parameters, losses and Adam stay float32.
-        # (No autocast cache: a CUDA graph cannot capture it.)
-        self.amp = lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.precision == "bf16",
-                                          cache_enabled=False)
+        self.amp = lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.precision == "bf16")
         if args.obs == "pixels":
             trunk = ConvTrunk(obs_shape[0], args.image_size, args.num_filters, args.num_conv_layers)
             trunk.apply(weight_init)
@@ -782,8 +748,7 @@ class SACAE:
         # The actor's optimizer owns its head and MLP, never the shared trunk.
         actor_params = [p for n, p in self.actor.named_parameters() if not n.startswith("encoder.trunk.") and p.requires_grad]
         critic_params = [p for p in self.critic.parameters() if p.requires_grad]  # --freeze-encoder leaves some out
-        # One kernel per optimizer step; capturable (step counts on the GPU) for CUDA graphs.
-        adam = dict(fused=True, capturable=args.compile and device.type == "cuda")
+        adam = dict(fused=True)  # one kernel per optimizer step
         self.actor_opt = torch.optim.Adam(actor_params, lr=args.actor_lr, betas=(args.actor_beta, 0.999), **adam)
         self.critic_opt = torch.optim.Adam(critic_params, lr=args.critic_lr, betas=(args.critic_beta, 0.999), **adam)
         self.log_alpha_opt = torch.optim.Adam([self.log_alpha], lr=args.alpha_lr, betas=(args.alpha_beta, 0.999), **adam)
@@ -842,9 +807,6 @@ class SACAE:
     def load_state_dict(self, state):
         for k, m in {**self.modules(), **self.optimizers()}.items():
             m.load_state_dict(state[k])
-            if isinstance(m, torch.optim.Optimizer):  # a checkpoint from another device or mode
-                for group in m.param_groups:
-                    group["capturable"] = self.args.compile and self.device.type == "cuda"
         with torch.no_grad():
             self.log_alpha.copy_(state["log_alpha"])
 
@@ -912,17 +874,12 @@ class SACAE:
         return metrics
 
     def compiled_step(self, parts):
-        """update_step with these parts, through torch.compile, and on CUDA replayed from a CUDA
-        graph (a few hundred small kernels launched as one); the first use compiles it."""
+        """update_step with these parts fixed, through torch.compile (LeanRL's approach: the eager
+        code stays the code); each combination is compiled at its first use."""
         key = tuple(parts.values())
-        if key not in self.compiled:
-            step = torch.compile(functools.partial(self.update_step, **parts))
-            self.compiled[key] = CUDAGraphed(step) if self.device.type == "cuda" else step
-            self.compiled[key].first_call = True
-        fn = self.compiled[key]
-        if not fn.first_call:
-            return fn
-        fn.first_call = False
+        if key in self.compiled:
+            return self.compiled[key]
+        fn = self.compiled[key] = torch.compile(functools.partial(self.update_step, **parts))
 
         def timed(*batch):
             began = time.perf_counter()

@@ -990,7 +990,7 @@ def test_cuda_update_equals_cpu_update(monkeypatch):
 @cuda
 def test_cuda_update_makes_no_host_sync():
     import warnings
-    agent, args = make_agent(device="cuda")
+    agent, args = make_agent(device="cuda", action_dim=1)
     env = sac_ae.DMCEnv("cartpole", "swingup", seed=0, image_size=args.image_size, action_repeat=8)
     buffer = sac_ae.ReplayBuffer(env.frame_shape, np.uint8, 3, env.action_dim, 20, env.episode_length,
                                  device=torch.device("cuda"))
@@ -1000,20 +1000,16 @@ def test_cuda_update_makes_no_host_sync():
         buffer.add(np.zeros(env.action_dim, np.float32), reward, discount, obs)
     agent.update(buffer.sample(4), step=2)  # one-off set-up (cuDNN plans, Adam state) may sync
     torch.cuda.synchronize()
-    for step in (3, 4):
-        with warnings.catch_warnings(record=True) as sampling:
-            warnings.simplefilter("always")
-            torch.cuda.set_sync_debug_mode("warn")
+    for step in (3, 4):  # odd and even: every part of the update
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # set_sync_debug_mode warns that it is a prototype
+            torch.cuda.set_sync_debug_mode("error")  # a synchronising call raises
+        try:
             batch = buffer.sample(4)
-            torch.cuda.set_sync_debug_mode(0)
-        assert all(t.is_cuda for t in batch)
-        assert not [w for w in sampling if "synchroniz" in str(w.message)], "sampling synchronised"
-        with warnings.catch_warnings(record=True) as updating:
-            warnings.simplefilter("always")
-            torch.cuda.set_sync_debug_mode("warn")
+            assert all(t.is_cuda for t in batch)
             agent.update(batch, step)
+        finally:
             torch.cuda.set_sync_debug_mode(0)
-        assert not [w for w in updating if "synchroniz" in str(w.message)], [str(w.message) for w in updating]
 
 
 CUDA_RUN = [*TINY_RUN[:TINY_RUN.index("--device")], "--total-steps", "400"]
@@ -1049,14 +1045,14 @@ def test_cuda_fast_modes_stay_finite_and_keep_float32_parameters(extra):
     agent, args = make_agent(*extra, device="cuda")
     batch = tuple(t.cuda() for t in random_batch(agent, args))
     before = agent_state(agent)["critic.Q1.0.weight"].clone()
-    for step in range(12):  # compiled: 3 warm-up calls per variant, then capture, then replays
+    for step in range(6):
         metrics = agent.update(batch, step)
     assert all(torch.isfinite(v).all() for v in metrics.values()), metrics
     for module in agent.modules().values():
         assert all(p.dtype == torch.float32 and torch.isfinite(p).all() for p in module.parameters())
     assert not torch.equal(before, agent_state(agent)["critic.Q1.0.weight"])
-    if args.compile:  # both variants (odd and even steps) run from their CUDA graphs
-        assert len(agent.compiled) == 2 and all(f.graph is not None for f in agent.compiled.values())
+    if args.compile:  # odd and even steps: two compiled variants
+        assert len(agent.compiled) == 2
 
 
 # ---------------------------------------------------------------------------- faults
@@ -1252,3 +1248,36 @@ def test_updates_left_counts_the_burst_then_one_per_agent_step():
                 by_hand(agent_step, total, init_steps, init_updates), (agent_step, total, init_steps)
     # The cartpole run of 10k env steps (1,250 agent steps) at env step 8,000: the burst is ahead.
     assert sac_ae.updates_left(1000, 1250, 1000, 1000) == 1249
+
+
+# ---------------------------------------------------------------------------- --compile
+def test_compiled_update_equals_eager_update():
+    # Inductor draws its own random numbers unless told to call PyTorch's (fallback_random); with
+    # the same draws the compiled kernels differ from eager only in float32 summation order:
+    # 1e-5 is a hundredth of one Adam step of lr 1e-3, far below what a wrong computation moves.
+    import torch._inductor.config
+    eager, args = make_agent()
+    compiled, _ = make_agent("--compile")
+    for step in (2, 3):  # even (all four parts) and odd (critic and autoencoder)
+        batch = random_batch(eager, args, seed=step)
+        torch.manual_seed(step)
+        expected = eager.update(batch, step)
+        torch.manual_seed(step)
+        with torch._inductor.config.patch(fallback_random=True):
+            got = compiled.update(batch, step)
+        for name in expected:
+            assert torch.allclose(expected[name], got[name], rtol=1e-5, atol=1e-6), name
+    assert len(compiled.compiled) == 2
+    for name, value in agent_state(eager).items():
+        assert torch.allclose(value, agent_state(compiled)[name], rtol=0, atol=1e-5), name
+
+
+def test_compiled_run_prints_compile_time_and_resumes(tmp_path, capsys):
+    out = tmp_path / "run"
+    short = [*TINY_RUN[:TINY_RUN.index("--total-steps")], "--total-steps", "400",
+             *TINY_RUN[TINY_RUN.index("--total-steps") + 2:], "--compile"]
+    assert sac_ae.main([*short, "--out-dir", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert printed.count("[compile] update with critic, actor, targets, ae: compiled in") == 1
+    assert sac_ae.main(["--resume", str(out), "--total-steps", "600"]) == 0
+    assert [r["env_step"] for r in read_csv(out / "eval.csv")] == ["0", "400", "600"]

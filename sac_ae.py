@@ -1,14 +1,14 @@
 """SAC+AE: soft actor-critic from pixels, made stable by a regularized autoencoder.
 
 Yarats et al., "Improving Sample Efficiency in Model-Free Reinforcement Learning from Images"
-(arXiv 1910.01741). A conv encoder is shared by the critic and a deterministic decoder; the critic's
-and the decoder's gradients shape it, the actor's never do (Sec. 5). The file reads in the order
-a run happens: arguments, environment, replay buffer, networks, agent, evaluation, training loop.
+(arXiv 1910.01741). A conv encoder is shared by the critic and a deterministic decoder: the
+critic's and the decoder's gradients shape it, the actor's never do (Sec. 5). Read top to bottom:
+networks, the agent and its update, environment, replay buffer, evaluation, training loop, flags.
+Below the "tooling" banner: checkpoints and resume, --benchmark, --plot, main().
 
     python sac_ae.py --domain cheetah --task run --seed 3
 """
 
-# ============================================================================ imports, MUJOCO_GL
 import argparse
 import collections
 import contextlib
@@ -30,20 +30,490 @@ import zlib
 # Headless rendering by default; dm_control reads this once, when it is first imported.
 os.environ.setdefault("MUJOCO_GL", "egl")
 
-import numpy as np
-import torch
-import torch.nn as nn
-import torch.nn.functional as F
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import torch.nn as nn  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
 
-# PlaNet's action repeats, which the paper uses (SPEC 1); any other domain gets DEFAULT_REPEAT.
-ACTION_REPEAT = {"cartpole": 8, "reacher": 4, "cheetah": 4, "finger": 2, "ball_in_cup": 4, "walker": 2}
+
+# ================================================================================ networks (Fig. 4)
+def conv_output_size(image_size, num_layers):
+    """Side of the last conv map: 3x3 kernels, no padding, stride 2 then 1 (84->41->39->37->35)."""
+    return (image_size - 3) // 2 + 1 - 2 * (num_layers - 1)
+
+
+def weight_init(m):
+    """Orthogonal Linear weights; conv kernels zero but an orthogonal centre tap (authors' code)."""
+    if isinstance(m, nn.Linear):
+        nn.init.orthogonal_(m.weight)
+        nn.init.zeros_(m.bias)
+    elif isinstance(m, (nn.Conv2d, nn.ConvTranspose2d)):
+        nn.init.zeros_(m.weight)
+        nn.init.zeros_(m.bias)
+        mid = m.weight.size(2) // 2
+        nn.init.orthogonal_(m.weight.data[:, :, mid, mid], nn.init.calculate_gain("relu"))
+
+
+def mlp(in_dim, hidden_dim, out_dim):
+    return nn.Sequential(
+        nn.Linear(in_dim, hidden_dim), nn.ReLU(),
+        nn.Linear(hidden_dim, hidden_dim), nn.ReLU(),
+        nn.Linear(hidden_dim, out_dim),
+    )  # fmt: skip
+
+
+def latent_head(in_dim, feature_dim):
+    """Linear -> LayerNorm -> tanh: conv features to a bounded latent z (Fig. 4)."""
+    return nn.Sequential(nn.Linear(in_dim, feature_dim), nn.LayerNorm(feature_dim), nn.Tanh())
+
+
+class Encoder(nn.Module):
+    """The conv layers that the critic, the actor and the decoder's gradient share.
+
+    Pixels: (B, 9, 84, 84) in [0, 1] -> (B, 32 * 35 * 35) features. States (SAC:state): identity.
+    """
+
+    def __init__(self, obs_shape, num_filters=32, num_layers=4, pixels=True):
+        super().__init__()
+        if not pixels:
+            self.convs, self.repr_dim = nn.Identity(), obs_shape[0]
+            return
+        image_size = obs_shape[-1]
+        layers = [nn.Conv2d(obs_shape[0], num_filters, 3, stride=2), nn.ReLU(inplace=True)]
+        for _ in range(num_layers - 1):
+            layers += [nn.Conv2d(num_filters, num_filters, 3, stride=1), nn.ReLU(inplace=True)]
+        self.convs = nn.Sequential(*layers)
+        self.repr_dim = num_filters * conv_output_size(image_size, num_layers) ** 2
+
+    def forward(self, obs):
+        return self.convs(obs).flatten(1)
+
+
+class Actor(nn.Module):
+    """Its own latent head on the conv features, then a tanh-squashed Gaussian policy."""
+
+    def __init__(self, repr_dim, feature_dim, action_dim, hidden_dim, log_std_bounds, pixels=True):
+        super().__init__()
+        self.head = latent_head(repr_dim, feature_dim) if pixels else nn.Identity()
+        self.policy = mlp(feature_dim if pixels else repr_dim, hidden_dim, 2 * action_dim)
+        self.log_std_min, self.log_std_max = log_std_bounds
+
+    def forward(self, h):  # (B, 39200) conv features -> mean, log_std, each (B, A)
+        mu, log_std = self.policy(self.head(h)).chunk(2, dim=-1)
+        # tanh, then affine onto [log_std_min, log_std_max]: a soft clamp (authors' code).
+        log_std = self.log_std_min + 0.5 * (self.log_std_max - self.log_std_min) * (
+            log_std.tanh() + 1
+        )
+        return mu.float(), log_std.float()  # float32 even under bf16: log-probabilities need it
+
+
+def sample_action(mu, log_std):
+    """Reparameterised tanh-Gaussian sample and its log-probability (Haarnoja et al., App. C)."""
+    noise = torch.randn_like(mu)
+    u = mu + noise * log_std.exp()
+    log_prob = (-0.5 * noise.pow(2) - log_std).sum(-1, keepdim=True)
+    log_prob = log_prob - 0.5 * math.log(2 * math.pi) * mu.size(-1)
+    action = torch.tanh(u)
+    # Change of variables through tanh; relu and 1e-6 guard the log (authors' code).
+    log_prob = log_prob - torch.log(F.relu(1 - action.pow(2)) + 1e-6).sum(-1, keepdim=True)
+    return action, log_prob
+
+
+class Critic(nn.Module):
+    """Its latent head z = head(h), then two Q networks on concat(z, a) (clipped double Q).
+
+    z is the latent that the decoder reconstructs from. With --decoder vae, log_var gives the
+    posterior's log-variance around the mean z (Sec. 4).
+    """
+
+    def __init__(self, repr_dim, feature_dim, action_dim, hidden_dim, pixels=True, vae=False):
+        super().__init__()
+        self.head = latent_head(repr_dim, feature_dim) if pixels else nn.Identity()
+        z_dim = feature_dim if pixels else repr_dim
+        self.Q1 = mlp(z_dim + action_dim, hidden_dim, 1)
+        self.Q2 = mlp(z_dim + action_dim, hidden_dim, 1)
+        self.log_var = nn.Linear(repr_dim, feature_dim) if vae else None
+
+    def forward(self, h, action, detach_z=False):  # (B, 39200), (B, A) -> (B, 1), (B, 1)
+        z = self.head(h)
+        za = torch.cat([z.detach() if detach_z else z, action], dim=-1)
+        return self.Q1(za), self.Q2(za)
+
+
+class Decoder(nn.Module):
+    """z -> reconstructed observation: the encoder mirrored with transposed convs (Fig. 4)."""
+
+    def __init__(self, out_channels, image_size, feature_dim=50, num_filters=32, num_layers=4):
+        super().__init__()
+        self.side = conv_output_size(image_size, num_layers)
+        self.num_filters = num_filters
+        self.fc = nn.Linear(feature_dim, num_filters * self.side**2)
+        layers = []
+        for _ in range(num_layers - 1):
+            layers += [
+                nn.ConvTranspose2d(num_filters, num_filters, 3, stride=1),
+                nn.ReLU(inplace=True),
+            ]
+        # The stride-2 layer gives back 2s+1 pixels; output_padding adds the one an even size lost.
+        padding = (image_size - 3) % 2
+        layers.append(
+            nn.ConvTranspose2d(num_filters, out_channels, 3, stride=2, output_padding=padding)
+        )
+        self.deconvs = nn.Sequential(*layers)
+
+    def forward(self, z):  # (B, 50) -> (B, 9, 84, 84), no output activation
+        h = F.relu(self.fc(z)).view(-1, self.num_filters, self.side, self.side)
+        return self.deconvs(h)
+
+
+def kl_to_standard_normal(mu, log_var):
+    """KL(N(mu, exp(log_var)) || N(0, I)), summed over latent dims, averaged over the batch."""
+    return (0.5 * (mu.pow(2) + log_var.exp() - 1 - log_var).sum(dim=1)).mean()
+
+
+def soft_update(net, target, tau):
+    """Polyak averaging: target <- tau * net + (1 - tau) * target, parameter by parameter."""
+    for p, target_p in zip(net.parameters(), target.parameters()):
+        target_p.lerp_(p, tau)
+
+
+# =============================================================================== the agent (Sec. 5)
+class SACAE:
+    """SAC whose critic's encoder is also trained to reconstruct its input (SAC+AE).
+
+    Networks: encoder (shared convs), actor and critic (each with its own latent head), decoder;
+    the targets encoder_target and critic_target; the temperature alpha = exp(log_alpha).
+    """
+
+    def __init__(self, obs_shape, action_dim, device, args):
+        self.args, self.device = args, device
+        pixels = args.obs == "pixels"
+        self.encoder = Encoder(obs_shape, args.num_filters, args.num_conv_layers, pixels)
+        repr_dim = self.encoder.repr_dim
+        self.actor = Actor(
+            repr_dim,
+            args.feature_dim,
+            action_dim,
+            args.hidden_dim,
+            (args.actor_log_std_min, args.actor_log_std_max),
+            pixels,
+        )
+        self.critic = Critic(
+            repr_dim,
+            args.feature_dim,
+            action_dim,
+            args.hidden_dim,
+            pixels,
+            vae=args.decoder == "vae",
+        )
+        self.decoder = None
+        if args.decoder in ("pixel", "vae"):
+            self.decoder = Decoder(
+                obs_shape[0],
+                args.image_size,
+                args.feature_dim,
+                args.num_filters,
+                args.num_conv_layers,
+            )
+        for net in (self.encoder, self.actor, self.critic, self.decoder):
+            if net is not None:
+                net.apply(weight_init)
+        if args.freeze_encoder:  # transfer (Fig. 7): the loaded convs and heads stay as they are
+            for part in (self.encoder, self.critic.head, self.actor.head, self.critic.log_var):
+                if part is not None:
+                    part.requires_grad_(False)
+        # The targets: a copy of the encoder (the target encoder) and of the critic.
+        self.encoder_target = copy.deepcopy(self.encoder)
+        self.critic_target = copy.deepcopy(self.critic)
+        self.log_alpha = torch.tensor(math.log(args.init_temperature))
+        self.target_entropy = -float(action_dim)  # -|A| (SAC's heuristic)
+        self.to(device)
+
+        def adam(params, lr, beta1=0.9, weight_decay=0.0):  # fused: one kernel per step
+            params = [p for p in params if p.requires_grad]
+            if not params:  # --freeze-encoder leaves the encoder's optimizer nothing to move
+                return None
+            betas = (beta1, 0.999)
+            return torch.optim.Adam(params, lr, betas, weight_decay=weight_decay, fused=True)
+
+        # The critic's optimizer moves the encoder too; the actor's never does (Sec. 5).
+        critic_params = [*self.encoder.parameters(), *self.critic.parameters()]
+        self.critic_opt = adam(critic_params, args.critic_lr, args.critic_beta)
+        self.actor_params = [p for p in self.actor.parameters() if p.requires_grad]
+        self.actor_opt = adam(self.actor_params, args.actor_lr, args.actor_beta)
+        self.log_alpha_opt = adam([self.log_alpha], args.alpha_lr, args.alpha_beta)
+        self.encoder_opt = self.decoder_opt = None
+        if self.decoder is not None:
+            # The reconstruction step has its own Adam on the encoder (convs and the critic's
+            # head), beside the critic's (authors' code), and an L2 penalty on the decoder (RAE).
+            encoder_params = [*self.encoder.parameters(), *self.critic.head.parameters()]
+            if self.critic.log_var is not None:
+                encoder_params += self.critic.log_var.parameters()
+            self.encoder_opt = adam(encoder_params, args.encoder_lr)
+            self.decoder_opt = adam(
+                self.decoder.parameters(), args.decoder_lr, weight_decay=args.decoder_weight_decay
+            )
+        self.compiled = {}  # --compile: update_step compiled per combination of parts
+
+    # ------------------------------------------------------------------------ the update
+    def update(self, batch, step):
+        """One update (Sec. 5, authors' code); `step` is the agent step, which picks the parts."""
+        parts = dict(
+            do_actor=step % self.args.actor_update_freq == 0,
+            do_targets=step % self.args.target_update_freq == 0,
+            do_ae=self.decoder is not None and step % self.args.ae_update_freq == 0,
+        )
+        if self.args.compile:
+            update_step = self.compiled_step(parts)
+        else:
+            update_step = functools.partial(self.update_step, **parts)
+        with self.autocast():  # --precision bf16; parameters, losses and Adam stay float32
+            metrics = update_step(*batch)
+        # The caller keeps these until its next host sync. A reduced loss can be a 0-d view of
+        # the whole element-wise buffer (F.mse_loss on CPU: 32 MB at batch 128), so copy each
+        # value out: the kept metrics hold 4 bytes each, not the batch's buffers.
+        return {k: v.detach().clone() for k, v in metrics.items()}
+
+    def update_step(self, obs, action, reward, next_obs, not_done, do_actor, do_targets, do_ae):
+        pixels = obs  # (B, 9, 84, 84) uint8: the reconstruction target is made from these
+        obs, next_obs = self.prepare(obs), self.prepare(next_obs)
+        metrics = self.update_critic(obs, action, reward, next_obs, not_done)
+        if do_actor or do_ae:
+            # Conv features after the critic step, read by the actor (detached, so its loss
+            # never moves the convs: Sec. 5) and by the autoencoder (not detached).
+            h = self.encoder(obs)
+            if do_actor:
+                metrics.update(self.update_actor_and_alpha(h.detach()))
+        if do_targets:
+            self.update_targets()
+        if do_ae:
+            metrics.update(self.update_autoencoder(pixels, h))
+        return metrics
+
+    def update_critic(self, obs, action, reward, next_obs, not_done):
+        """Soft Bellman backup on clipped double Q; the critic's gradient trains the encoder."""
+        with torch.no_grad():
+            next_action, next_log_pi = sample_action(*self.actor(self.encoder(next_obs)))
+            target_q1, target_q2 = self.critic_target(self.encoder_target(next_obs), next_action)
+            target_v = torch.min(target_q1, target_q2) - self.alpha * next_log_pi
+            # not_done is the time step's discount: 0 only at a true terminal, so the time limit
+            # that ends every DMC episode is bootstrapped through.
+            target_q = reward + not_done * self.args.gamma * target_v
+        # --ae-grad separate (Sec. 4.3): the critic reads a detached z, only reconstruction
+        # shapes the encoder.
+        q1, q2 = self.critic(self.encoder(obs), action, detach_z=self.args.ae_grad == "separate")
+        # (.float(): under bf16 autocast, network outputs meet float32 targets in float32.)
+        loss = F.mse_loss(q1.float(), target_q) + F.mse_loss(q2.float(), target_q)
+        self.critic_opt.zero_grad(set_to_none=True)
+        loss.backward()
+        self.critic_opt.step()
+        return {"critic_loss": loss, "q": q1.mean()}
+
+    def update_actor_and_alpha(self, h):
+        """SAC's policy step on detached conv features, then the temperature step."""
+        pi, log_pi = sample_action(*self.actor(h))
+        q1, q2 = self.critic(h, pi)
+        actor_loss = (self.alpha.detach() * log_pi - torch.min(q1, q2).float()).mean()
+        self.actor_opt.zero_grad(set_to_none=True)
+        actor_loss.backward(inputs=self.actor_params)  # no gradients computed for the critic
+        self.actor_opt.step()
+        # Raise alpha while the policy's entropy is below the target, lower it above.
+        alpha_loss = (self.alpha * (-log_pi - self.target_entropy).detach()).mean()
+        self.log_alpha_opt.zero_grad(set_to_none=True)
+        alpha_loss.backward()
+        self.log_alpha_opt.step()
+        return {"actor_loss": actor_loss, "alpha_loss": alpha_loss, "alpha": self.alpha,
+                "entropy": -log_pi.mean()}  # fmt: skip
+
+    @torch.no_grad()
+    def update_targets(self):
+        """The target encoder (convs and the critic's head) follows faster, tau 0.05, than the
+        target Q networks, tau 0.01 (authors' code)."""
+        soft_update(self.encoder, self.encoder_target, self.args.encoder_tau)
+        soft_update(self.critic.head, self.critic_target.head, self.args.encoder_tau)
+        soft_update(self.critic.Q1, self.critic_target.Q1, self.args.critic_tau)
+        soft_update(self.critic.Q2, self.critic_target.Q2, self.args.critic_tau)
+
+    def update_autoencoder(self, pixels, h):
+        """RAE (Sec. 5): reconstruct the 5-bit observation from the critic's latent z, with an L2
+        penalty on z (the decoder's weight decay is in its Adam). --decoder vae: beta-VAE (Sec. 4)
+        reconstructing a sample of the posterior, plus beta * KL."""
+        bins = 2**self.args.ae_bits
+        # 8-bit pixels -> ae_bits-bit bins scaled to [-0.5, 0.5), plus uniform dequantisation
+        # noise of one bin (Kingma & Dhariwal, Glow).
+        target = torch.floor(pixels / 2 ** (8 - self.args.ae_bits)) / bins - 0.5
+        target = target + torch.rand_like(target) / bins
+        z = self.critic.head(h)
+        metrics = {}
+        if self.args.decoder == "vae":
+            z, log_var = z.float(), self.critic.log_var(h).float()
+            sample = z + torch.randn_like(z) * (0.5 * log_var).exp()  # reparameterised
+            recon_loss = F.mse_loss(self.decoder(sample).float(), target)
+            kl = kl_to_standard_normal(z, log_var)
+            loss = recon_loss + self.args.vae_beta * kl
+            metrics["kl"] = kl
+        else:
+            recon_loss = F.mse_loss(self.decoder(z).float(), target)
+            latent_loss = (0.5 * z.float().pow(2).sum(dim=1)).mean()
+            loss = recon_loss + self.args.decoder_latent_lambda * latent_loss
+        optimizers = [opt for opt in (self.encoder_opt, self.decoder_opt) if opt is not None]
+        for opt in optimizers:
+            opt.zero_grad(set_to_none=True)
+        loss.backward()
+        for opt in optimizers:
+            opt.step()
+        return {"ae_loss": loss, "recon_loss": recon_loss, **metrics}
+
+    # ------------------------------------------------------------------------ acting
+    @property
+    def alpha(self):
+        return self.log_alpha.exp()
+
+    def prepare(self, obs):
+        """uint8 pixels -> float32 in [0, 1] (the authors' x / 255), channels-last: oneDNN and
+        cuDNN convolve NHWC fastest (about 1.5x on our CPU), the maths is the same. States pass."""
+        if obs.dtype != torch.uint8:
+            return obs
+        return obs.contiguous(memory_format=torch.channels_last).float().div_(255.0)
+
+    @torch.no_grad()
+    def act(self, obs, deterministic=False):
+        """One action in [-1, 1]^A: sampled while training, tanh(mean) for evaluation."""
+        obs = self.prepare(torch.as_tensor(obs, device=self.device).unsqueeze(0))
+        with self.autocast():
+            mu, log_std = self.actor(self.encoder(obs))
+        action = torch.tanh(mu) if deterministic else sample_action(mu, log_std)[0]
+        action = action[0].cpu().numpy()
+        if not np.isfinite(action).all():  # never hand the simulator a NaN: it would fail there
+            raise NonFiniteError(f"the policy's action became {action.tolist()}")
+        return action
+
+    @torch.no_grad()
+    def latent(self, obs):
+        """The critic's z of one observation (the posterior mean with --decoder vae)."""
+        obs = self.prepare(torch.as_tensor(obs, device=self.device).unsqueeze(0))
+        with self.autocast():
+            return self.critic.head(self.encoder(obs))[0].float().cpu().numpy()
+
+    @torch.no_grad()
+    def reconstruct(self, obs):
+        obs = self.prepare(torch.as_tensor(obs, device=self.device).unsqueeze(0))
+        with self.autocast():
+            return self.decoder(self.critic.head(self.encoder(obs)))[0].float().cpu().numpy()
+
+    def autocast(self):
+        enabled = self.args.precision == "bf16"
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=enabled)
+
+    # ------------------------------------------------------------------------ bookkeeping
+    def networks(self):
+        nets = {"encoder": self.encoder, "actor": self.actor, "critic": self.critic}
+        nets.update(encoder_target=self.encoder_target, critic_target=self.critic_target)
+        if self.decoder is not None:
+            nets["decoder"] = self.decoder
+        return nets
+
+    def optimizers(self):
+        return {k: v for k, v in vars(self).items() if isinstance(v, torch.optim.Optimizer)}
+
+    def to(self, device):
+        for net in self.networks().values():
+            net.to(device, memory_format=torch.channels_last)  # conv kernels NHWC, as their inputs
+        self.log_alpha = self.log_alpha.to(device).requires_grad_()
+        return self
+
+    def parameters(self):
+        return [self.log_alpha, *(p for net in self.networks().values() for p in net.parameters())]
+
+    def state_dict(self):
+        state = {k: m.state_dict() for k, m in {**self.networks(), **self.optimizers()}.items()}
+        state["log_alpha"] = self.log_alpha.detach().clone()
+        return state
+
+    def load_state_dict(self, state):
+        for k, m in {**self.networks(), **self.optimizers()}.items():
+            m.load_state_dict(state[k])
+        with torch.no_grad():
+            self.log_alpha.copy_(state["log_alpha"])
+
+    def train(self, training=True):
+        for net in self.networks().values():
+            net.train(training)
+
+    def load_encoder(self, path):
+        """Copy the encoder and both latent heads from another run (transfer, Fig. 7); the target
+        encoder and the target critic's head start as copies of them."""
+        file = os.path.join(path, "model.pt") if os.path.isdir(path) else path
+        try:
+            damaged = zip_damage(file)
+            if damaged:
+                raise ValueError(damaged)
+            saved = torch.load(file, map_location="cpu", weights_only=False)
+            saved = saved["agent"] if "agent" in saved else saved  # a checkpoint, or model.pt
+            encoder, critic, actor = saved["encoder"], saved["critic"], saved["actor"]
+        except Exception as e:
+            raise UsageError(
+                f"--load-encoder {path}: no encoder weights of this version of "
+                f"sac_ae.py in {file} ({str(e).splitlines()[0][:100]})"
+            ) from None
+        try:
+            self.encoder.load_state_dict(encoder)
+            for net, saved_net in ((self.critic, critic), (self.actor, actor)):
+                net.head.load_state_dict(
+                    {k[5:]: v for k, v in saved_net.items() if k[:5] == "head."}
+                )
+        except RuntimeError as e:
+            raise UsageError(
+                f"--load-encoder {path}: its encoder does not fit this one (image size, "
+                f"filters, layers or feature dim differ: {str(e).splitlines()[0][:100]})"
+            ) from None
+        self.encoder_target.load_state_dict(self.encoder.state_dict())
+        self.critic_target.head.load_state_dict(self.critic.head.state_dict())
+
+    def compiled_step(self, parts):
+        """update_step with these parts fixed, through torch.compile (LeanRL's way: the eager code
+        stays the code); each combination is compiled, and the time printed, at its first use."""
+        key = tuple(parts.values())
+        if key in self.compiled:
+            return self.compiled[key]
+        # torch 2.13 on CPU sometimes crashes (SIGSEGV) pickling the backward graph into its
+        # on-disk AOTAutograd cache, 1 compile in 3 here; without that cache it never did.
+        torch._functorch.config.enable_autograd_cache = False
+        self.compiled[key] = torch.compile(functools.partial(self.update_step, **parts))
+
+        def first_call(*batch):
+            began = time.perf_counter()
+            metrics = self.compiled[key](*batch)
+            names = "".join(", " + name[3:] for name, on in parts.items() if on)
+            print(
+                f"[compile] update with critic{names}: "
+                f"compiled in {time.perf_counter() - began:.1f} s",
+                flush=True,
+            )
+            return metrics
+
+        return first_call
+
+    def __getstate__(self):  # a copy (the ETA's timing probe) compiles its own update
+        return {**self.__dict__, "compiled": {}}
+
+
+# ===================================== environment (Sec. 6: the DeepMind Control Suite from pixels)
+ACTION_REPEAT = {
+    "cartpole": 8,
+    "reacher": 4,
+    "cheetah": 4,
+    "finger": 2,
+    "ball_in_cup": 4,
+    "walker": 2,
+}
 DEFAULT_REPEAT = 2
 CAMERA_ID = {"quadruped": 2}  # the default camera 0 does not follow the quadruped
 EVAL_SEED_OFFSET = 10_000  # the evaluation environment gets seed + this
 
 
 def load_suite():
-    """Import dm_control.suite (lazily, so `import sac_ae` costs nothing), explaining GL failures."""
+    """dm_control.suite, imported at first use (so `import sac_ae` costs nothing)."""
     try:
         from dm_control import suite
     except Exception as e:  # the GL backend named by MUJOCO_GL failed to load
@@ -51,284 +521,8 @@ def load_suite():
     return suite
 
 
-class RenderError(RuntimeError):
-    def __init__(self, cause):
-        super().__init__(
-            f"rendering with MUJOCO_GL={os.environ.get('MUJOCO_GL')} failed ({cause}); try "
-            "MUJOCO_GL=egl (GPU or Mesa EGL), MUJOCO_GL=osmesa (apt-get install libosmesa6) or "
-            "MUJOCO_GL=glfw (needs a display); --obs state runs without rendering under MUJOCO_GL=disable")
-
-
-class UsageError(ValueError):
-    """A user mistake: reported as one line and exit status 2, before any work."""
-
-
-# ============================================================================ arguments
-class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    def _get_help_string(self, action):  # defaults that are resolved later say so in their help
-        return action.help if action.default is None else super()._get_help_string(action)
-
-
-class Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line instead of argparse's usage dump
-        self.exit(2, f"{self.prog}: error: {message}\n")
-
-
-def checked(convert, valid, what):
-    """An argparse type: convert the text, refuse what is not `valid` with one line saying `what`."""
-    def parse(text):
-        try:
-            value = convert(text)
-        except ValueError:
-            value = None
-        if value is None or not valid(value):
-            raise argparse.ArgumentTypeError(f"must be {what}, got '{text}'")
-        return value
-    return parse
-
-
-positive_int = checked(int, lambda v: v > 0, "a positive integer")
-nonnegative_int = checked(int, lambda v: v >= 0, "an integer >= 0")
-seed_int = checked(int, lambda v: 0 <= v < 2**32 - EVAL_SEED_OFFSET,  # numpy's range less the eval offset
-                   f"an integer in [0, {2**32 - EVAL_SEED_OFFSET - 1}]")
-bits_int = checked(int, lambda v: 1 <= v <= 8, "an integer in [1, 8]")
-positive_float = checked(float, lambda v: 0 < v < math.inf, "a positive number")
-nonnegative_float = checked(float, lambda v: 0 <= v < math.inf, "a number >= 0")
-unit_float = checked(float, lambda v: 0 <= v <= 1, "a number in [0, 1]")
-finite_float = checked(float, math.isfinite, "a finite number")
-device_name = checked(str, lambda v: re.fullmatch(r"auto|cpu|cuda(:\d+)?", v), "auto, cpu, cuda or cuda:N")
-
-
-def build_parser():
-    p = Parser(prog="sac_ae.py", description=__doc__.split("\n\n")[0] + " Every hyperparameter "
-               "defaults to the paper's and the authors' code; budgets count environment steps "
-               "(agent steps x action repeat), as the paper's plots do.",
-               formatter_class=HelpFormatter)
-    g = p.add_argument_group("task and run")
-    g.add_argument("--domain", default="cheetah", help="dm_control suite domain")
-    g.add_argument("--task", default="run", help="task of that domain")
-    g.add_argument("--seed", type=seed_int, default=1, help="seeds python, numpy, torch and both environments")
-    g.add_argument("--total-steps", type=positive_int, default=500_000, help="environment steps of training")
-    g.add_argument("--obs", default="pixels", choices=["pixels", "state"],
-                   help="pixels: SAC+AE from images; state: SAC on proprioceptive states, no "
-                   "encoder or decoder (the paper's upper baseline, SAC:state)")
-    g.add_argument("--decoder", default=None, choices=["pixel", "vae", "none"],
-                   help="pixel: deterministic regularized autoencoder (SAC+AE); vae: beta-VAE with a "
-                   "stochastic encoder head (Sec. 4); none: no reconstruction (SAC:pixel, the lower "
-                   "baseline) [default: pixel with --obs pixels]")
-    g.add_argument("--device", type=device_name, default="auto",
-                   help="auto, cpu, cuda or cuda:N; auto picks cuda when available. Rendering (EGL) "
-                   "runs on the same GPU unless MUJOCO_EGL_DEVICE_ID says otherwise")
-    g.add_argument("--out-dir", default=None,
-                   help="run folder, must be new or empty [default: runs/{domain}-{task}-s{seed}-{timestamp}]")
-    g.add_argument("--resume", default=None, metavar="RUN_DIR",
-                   help="continue that run from its latest checkpoint, with its saved configuration; only "
-                   + ", ".join("--" + k.replace("_", "-") for k in sorted(RESUMABLE)) + " may be given with it")
-    g.add_argument("--checkpoint-freq", type=positive_int, default=None,
-                   help="environment steps between checkpoints [default: --eval-freq]")
-    g.add_argument("--keep-checkpoints", type=nonnegative_int, default=1,
-                   help="older checkpoints kept besides the latest")
-    g = p.add_argument_group("environment")
-    g.add_argument("--action-repeat", type=positive_int, default=None,
-                   help="times each action is applied [default: per domain, PlaNet's: "
-                   + ", ".join(f"{k} {v}" for k, v in ACTION_REPEAT.items()) + f"; else {DEFAULT_REPEAT}]")
-    g.add_argument("--frame-stack", type=positive_int, default=None,
-                   help="consecutive observations stacked [default: 3 for pixels, 1 for states]")
-    g.add_argument("--image-size", type=positive_int, default=84, help="rendered frames are square, this many pixels")
-    g = p.add_argument_group("replay and schedule")
-    g.add_argument("--buffer-size", type=positive_int, default=1_000_000,
-                   help="replay capacity in transitions (capped at the run's agent steps)")
-    g.add_argument("--init-steps", type=positive_int, default=1000,
-                   help="agent steps of uniform random actions before the first update")
-    g.add_argument("--init-updates", type=positive_int, default=None,
-                   help="updates run at once when --init-steps is reached, then one per agent step "
-                   "[default: --init-steps, as the authors' code]")
-    g.add_argument("--batch-size", type=positive_int, default=128, help="transitions per update")
-    g.add_argument("--eval-freq", type=positive_int, default=10_000, help="environment steps between evaluations")
-    g.add_argument("--eval-episodes", type=positive_int, default=10, help="episodes per evaluation")
-    g.add_argument("--save-video", action="store_true", help="mp4 of the first episode of each evaluation in RUN_DIR/video")
-    g = p.add_argument_group("speed")
-    g.add_argument("--precision", default="fp32", choices=["fp32", "bf16"],
-                   help="bf16: autocast the conv and MLP work to bfloat16 (fast on GPUs and CPUs with "
-                   "bf16 units, slow elsewhere); losses and optimizer state stay float32")
-    g.add_argument("--compile", action="store_true",
-                   help="torch.compile the networks (CUDA graphs on GPU); costs minutes of compilation first")
-    g.add_argument("--benchmark", action="store_true",
-                   help="no training: time updates on a replay buffer of random frames and environment "
-                   "steps, print a table and a final `benchmark ...` line")
-    g.add_argument("--plot", nargs="+", default=None, metavar="EVAL_CSV",
-                   help="no training: draw each eval.csv as learning_curve.png beside it (needs matplotlib)")
-    g.add_argument("--bench-updates", type=positive_int, default=20,
-                   help="updates timed by --benchmark after warm-up (even, so actor and targets keep their rate)")
-    g = p.add_argument_group("SAC")
-    g.add_argument("--gamma", type=unit_float, default=0.99, help="discount")
-    g.add_argument("--critic-lr", type=positive_float, default=1e-3, help="Adam lr of the critic (and its encoder)")
-    g.add_argument("--critic-beta", type=unit_float, default=0.9, help="Adam beta1 of the critic")
-    g.add_argument("--critic-tau", type=unit_float, default=0.01, help="soft target update rate of the Q heads")
-    g.add_argument("--encoder-tau", type=unit_float, default=0.05, help="soft target update rate of the target encoder")
-    g.add_argument("--target-update-freq", type=positive_int, default=2, help="soft target update on agent steps divisible by N (the initial burst shares one step)")
-    g.add_argument("--actor-lr", type=positive_float, default=1e-3, help="Adam lr of the actor")
-    g.add_argument("--actor-beta", type=unit_float, default=0.9, help="Adam beta1 of the actor")
-    g.add_argument("--actor-update-freq", type=positive_int, default=2, help="actor and temperature step on agent steps divisible by N (the initial burst shares one step)")
-    g.add_argument("--actor-log-std-min", type=finite_float, default=-10.0, help="lower bound of the policy's log std")
-    g.add_argument("--actor-log-std-max", type=finite_float, default=2.0, help="upper bound of the policy's log std")
-    g.add_argument("--init-temperature", type=positive_float, default=0.1, help="initial alpha")
-    g.add_argument("--alpha-lr", type=positive_float, default=1e-4, help="Adam lr of log alpha")
-    g.add_argument("--alpha-beta", type=unit_float, default=0.5, help="Adam beta1 of log alpha")
-    g.add_argument("--hidden-dim", type=positive_int, default=1024, help="width of the actor and Q MLPs")
-    g = p.add_argument_group("encoder and autoencoder")
-    g.add_argument("--feature-dim", type=positive_int, default=50, help="latent size z")
-    g.add_argument("--num-filters", type=positive_int, default=32, help="channels of every conv layer")
-    g.add_argument("--num-conv-layers", type=positive_int, default=4, help="conv layers of the encoder (and decoder)")
-    g.add_argument("--encoder-lr", type=positive_float, default=1e-3, help="Adam lr of the encoder's reconstruction step")
-    g.add_argument("--decoder-lr", type=positive_float, default=1e-3, help="Adam lr of the decoder")
-    g.add_argument("--decoder-weight-decay", type=nonnegative_float, default=1e-7, help="L2 penalty on decoder weights (RAE)")
-    g.add_argument("--decoder-latent-lambda", type=nonnegative_float, default=1e-6, help="weight of the latent penalty 0.5||z||^2 (RAE)")
-    g.add_argument("--ae-update-freq", type=positive_int, default=1, help="autoencoder step on agent steps divisible by N (the initial burst shares one step)")
-    g.add_argument("--ae-bits", type=bits_int, default=5, help="bit depth of the reconstruction target, 1 to 8")
-    g.add_argument("--ae-grad", default="end-to-end", choices=["end-to-end", "separate"],
-                   help="end-to-end: the critic's gradient also trains the encoder (SAC+AE, Sec. 4.4/5); "
-                   "separate: only the reconstruction loss does, RL heads read a detached latent (Sec. 4.3)")
-    g.add_argument("--vae-beta", type=nonnegative_float, default=1e-4,
-                   help="weight of the KL term with --decoder vae (our default; the paper's value is in its appendix)")
-    g.add_argument("--load-encoder", default=None, metavar="PATH",
-                   help="initialise the conv trunk and encoder heads from a run folder (its model.pt) or a "
-                   "model.pt / checkpoint file (transfer, Fig. 7)")
-    g.add_argument("--freeze-encoder", action="store_true",
-                   help="with --load-encoder: keep the loaded conv trunk and both encoder heads fixed")
-    return p
-
-
-# Flags that may accompany --resume: none of them changes what the run computes.
-RESUMABLE = {"total_steps", "device", "checkpoint_freq", "keep_checkpoints", "save_video"}
-# Flags that pick what the script does rather than configure a run: never part of a run's config.
-MODES = {"resume", "out_dir", "benchmark", "bench_updates", "plot"}
-
-
-def parse_args(argv=None):
-    """Parse and validate everything that can be checked without building anything."""
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    try:
-        if args.plot:
-            for path in args.plot:
-                read_eval_csv(path)  # refuse a missing, empty or foreign file before drawing any
-            return args
-        if args.resume:
-            if args.benchmark:
-                raise UsageError("--benchmark cannot be combined with --resume (it trains nothing)")
-            args = resume_args(parser, argv, args.resume)
-        else:
-            check_device(args.device)
-            render_on_training_gpu(args.device)  # before resolve_args imports dm_control
-            resolve_args(args)
-    except UsageError as e:
-        parser.error(str(e))
-    return args
-
-
-def resume_args(parser, argv, run_dir):
-    """The run's saved configuration, with the few flags that may change on resume applied."""
-    dests = vars(parser.parse_args([]))
-    parser.set_defaults(**{k: None for k in dests})  # so that only the flags typed are not None
-    given = {k: v for k, v in vars(parser.parse_args(argv)).items() if v is not None and k not in MODES}
-    refused = sorted(set(given) - RESUMABLE)
-    if refused:
-        raise UsageError(f"--{refused[0].replace('_', '-')} cannot be given with --resume (the run keeps its "
-                         f"configuration); allowed: " + ", ".join("--" + k.replace("_", "-") for k in sorted(RESUMABLE)))
-    if not os.path.isdir(run_dir):
-        raise UsageError(f"--resume {run_dir}: no such folder")
-    try:
-        with open(os.path.join(run_dir, "config.json")) as f:
-            config = json.load(f)
-    except (OSError, ValueError) as e:
-        raise UsageError(f"--resume {run_dir}: no readable config.json, so not a run folder ({e.__class__.__name__})") from None
-    missing = sorted(set(dests) - MODES - set(config))
-    if missing:
-        raise UsageError(f"--resume {run_dir}: config.json lacks {missing[0]}; was it written by another version of sac_ae.py?")
-    args = argparse.Namespace(**{k: config[k] for k in dests if k not in MODES})
-    vars(args).update(given)
-    args.resume, args.out_dir, args.benchmark, args.plot, args.bench_updates = run_dir, run_dir, False, None, 0
-    check_device(args.device)
-    render_on_training_gpu(args.device)
-    if latest_checkpoint(run_dir) is None:
-        raise UsageError(f"--resume {run_dir}: no checkpoint in {os.path.join(run_dir, 'checkpoints')}")
-    return args
-
-
-def check_device(name):
-    if name.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise UsageError(f"--device {name} but CUDA is not available; valid here: auto, cpu")
-        index = int(name.partition(":")[2] or 0)
-        if index >= torch.cuda.device_count():
-            raise UsageError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) are visible")
-
-
-def resolve_args(args):
-    """Fill the per-task defaults and refuse inconsistent input (raises UsageError)."""
-    suite = load_suite()
-    domains = sorted({d for d, _ in suite.ALL_TASKS})
-    if args.domain not in domains:
-        raise UsageError(f"unknown domain '{args.domain}'; valid domains: {', '.join(domains)}")
-    tasks = sorted(t for d, t in suite.ALL_TASKS if d == args.domain)
-    if args.task not in tasks:
-        raise UsageError(f"unknown task '{args.task}' for domain {args.domain}; valid tasks: {', '.join(tasks)}")
-    if args.obs == "state" and args.decoder in ("pixel", "vae"):
-        raise UsageError(f"--decoder {args.decoder} needs --obs pixels (with --obs state there is no image to reconstruct)")
-    if args.obs == "state" and (args.load_encoder or args.freeze_encoder):
-        raise UsageError("--load-encoder and --freeze-encoder need --obs pixels (states have no encoder)")
-    if args.freeze_encoder and not args.load_encoder:
-        raise UsageError("--freeze-encoder needs --load-encoder PATH (a random encoder would stay random)")
-    if args.load_encoder and not os.path.exists(args.load_encoder):
-        raise UsageError(f"--load-encoder {args.load_encoder}: no such file or folder")
-    if args.load_encoder:
-        args.load_encoder = os.path.abspath(args.load_encoder)
-    args.decoder = args.decoder or ("pixel" if args.obs == "pixels" else "none")
-    if args.ae_grad == "separate" and args.decoder == "none":
-        raise UsageError("--ae-grad separate needs a decoder (pixel or vae): without one the encoder would never learn")
-    args.action_repeat = args.action_repeat or ACTION_REPEAT.get(args.domain, DEFAULT_REPEAT)
-    args.frame_stack = args.frame_stack or (3 if args.obs == "pixels" else 1)
-    args.init_updates = args.init_updates or args.init_steps
-    args.checkpoint_freq = args.checkpoint_freq or args.eval_freq
-    args.buffer_size = min(args.buffer_size, math.ceil(args.total_steps / args.action_repeat))  # no unused memory
-    if args.benchmark and args.bench_updates % 2:
-        raise UsageError(f"--bench-updates must be even (actor and targets move every 2nd update), got {args.bench_updates}")
-    if args.actor_log_std_min >= args.actor_log_std_max:
-        raise UsageError("--actor-log-std-min must be below --actor-log-std-max")
-    if args.obs == "pixels" and conv_output_size(args.image_size, args.num_conv_layers) < 1:
-        smallest = 4 * args.num_conv_layers - 1
-        raise UsageError(f"--image-size {args.image_size} is too small for {args.num_conv_layers} conv layers "
-                         f"(3x3, the first with stride 2): use at least {smallest}")
-    if args.benchmark:
-        return args  # writes nothing: no run folder
-    if args.out_dir is None:
-        stamp = time.strftime("%Y%m%d-%H%M%S")
-        args.out_dir = os.path.join("runs", f"{args.domain}-{args.task}-s{args.seed}-{stamp}")
-    check_out_dir(args.out_dir)
-    return args
-
-
-def check_out_dir(out_dir):
-    """A run folder must be new or empty, and creatable: refuse it now rather than after set-up."""
-    if not out_dir.strip():
-        raise UsageError("--out-dir is empty; give a folder name")
-    if os.path.isfile(out_dir):
-        raise UsageError(f"--out-dir {out_dir} is a file; give a new folder")
-    if os.path.isdir(out_dir) and os.listdir(out_dir):
-        raise UsageError(f"--out-dir {out_dir} already exists and is not empty; give a new folder")
-    parent = os.path.abspath(out_dir)
-    while not os.path.exists(parent):  # the nearest part of the path that exists
-        parent = os.path.dirname(parent)
-    if not os.path.isdir(parent):
-        raise UsageError(f"--out-dir {out_dir}: {parent} is a file, so no folder can be made under it")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise UsageError(f"--out-dir {out_dir}: cannot write in {parent} (read-only filesystem or no permission)")
-
-
-# ============================================================================ environment
 class DMCEnv:
-    """A dm_control task seen by the agent: action repeat -> observation -> frame stack (SPEC 1).
+    """A dm_control task seen by the agent: action repeat -> observation -> frame stack (Sec. 6).
 
     Observations are uint8 (3 * frame_stack, size, size) renders, or float32 proprioceptive
     states. Actions live in [-1, 1]^A and are rescaled to the task's bounds. `step` returns
@@ -336,16 +530,20 @@ class DMCEnv:
     terminal, so the time limit that ends every DMC episode is bootstrapped through.
     """
 
-    def __init__(self, domain, task, seed, obs="pixels", image_size=84, frame_stack=3, action_repeat=2):
+    def __init__(
+        self, domain, task, seed, obs="pixels", image_size=84, frame_stack=3, action_repeat=2
+    ):
         self.env = load_suite().load(domain, task, task_kwargs={"random": seed})
         self.obs_type, self.image_size, self.action_repeat = obs, image_size, action_repeat
         self.camera_id = CAMERA_ID.get(domain, 0)
         if obs == "pixels":  # MuJoCo renders offscreen into a buffer the model's XML sizes
             visual = self.env.physics.model.vis.global_
             if image_size > min(visual.offwidth, visual.offheight):
-                raise UsageError(f"--image-size {image_size} is larger than {domain}'s offscreen buffer "
-                                 f"({visual.offwidth}x{visual.offheight}); use at most "
-                                 f"{min(visual.offwidth, visual.offheight)}")
+                raise UsageError(
+                    f"--image-size {image_size} is larger than {domain}'s offscreen buffer "
+                    f"({visual.offwidth}x{visual.offheight}); use at most "
+                    f"{min(visual.offwidth, visual.offheight)}"
+                )
         spec = self.env.action_spec()
         self.action_dim = spec.shape[0]
         self._low, self._high = spec.minimum.astype(np.float64), spec.maximum.astype(np.float64)
@@ -354,7 +552,9 @@ class DMCEnv:
         self.obs_shape = (self.frame_shape[0] * frame_stack, *self.frame_shape[1:])
         # Agent steps per episode: the time limit, in physics steps, over the action repeat.
         if not math.isfinite(self.env._step_limit):
-            raise UsageError(f"{domain}-{task} has no time limit; this script needs episodes that end")
+            raise UsageError(
+                f"{domain}-{task} has no time limit; this script needs episodes that end"
+            )
         self.episode_length = math.ceil(round(self.env._step_limit) / action_repeat)
 
     @property
@@ -367,12 +567,16 @@ class DMCEnv:
         return [(k, int(np.prod(s.shape))) for k, s in self.env.observation_spec().items()]
 
     def _frame(self, time_step):
-        # The true proprioceptive state, always kept: the linear probe of the latent (Fig. 6) reads it.
-        self.state = np.concatenate([np.asarray(v, np.float32).ravel() for v in time_step.observation.values()])
+        # The true proprioceptive state, always kept: the linear probe (Fig. 6) reads it.
+        self.state = np.concatenate(
+            [np.asarray(v, np.float32).ravel() for v in time_step.observation.values()]
+        )
         if self.obs_type == "state":
             return self.state
         try:
-            image = self.env.physics.render(self.image_size, self.image_size, camera_id=self.camera_id)
+            image = self.env.physics.render(
+                self.image_size, self.image_size, camera_id=self.camera_id
+            )
         except Exception as e:
             raise RenderError(e) from None
         return np.ascontiguousarray(image.transpose(2, 0, 1))  # (H, W, 3) -> (3, H, W)
@@ -413,9 +617,9 @@ class DMCEnv:
         self.frames.extend(state["frames"])
 
 
-# ============================================================================ replay buffer
+# ==================================================================================== replay buffer
 class ReplayBuffer:
-    """Each frame stored once; stacked observations are rebuilt when sampled (SPEC 2).
+    """Each frame stored once; stacked observations are rebuilt when sampled.
 
     Slot t of a ring holds one frame: the first frame of an episode (age 0), or the newest frame
     of the observation a transition reached, with that transition's action, reward and not-done
@@ -425,15 +629,35 @@ class ReplayBuffer:
     the ring; the ring has room for `capacity` transitions plus their episodes' first frames.
     """
 
-    def __init__(self, frame_shape, frame_dtype, frame_stack, action_dim, capacity, episode_length,
-                 seed=0, device="cpu"):
-        self.k, self.frame_shape, self.capacity, self.device = frame_stack, tuple(frame_shape), capacity, device
-        self.size = capacity + math.ceil(capacity / episode_length) + 1 + frame_stack  # slots in the ring
-        need = self.size * (int(np.prod(frame_shape)) * np.dtype(frame_dtype).itemsize + 4 * (action_dim + 3))
+    def __init__(
+        self,
+        frame_shape,
+        frame_dtype,
+        frame_stack,
+        action_dim,
+        capacity,
+        episode_length,
+        seed=0,
+        device="cpu",
+    ):
+        self.k, self.frame_shape, self.capacity, self.device = (
+            frame_stack,
+            tuple(frame_shape),
+            capacity,
+            device,
+        )
+        self.size = (
+            capacity + math.ceil(capacity / episode_length) + 1 + frame_stack
+        )  # slots in the ring
+        need = self.size * (
+            int(np.prod(frame_shape)) * np.dtype(frame_dtype).itemsize + 4 * (action_dim + 3)
+        )
         available = available_memory()
         if available is not None and need > available:
-            raise UsageError(f"the replay buffer needs {need / 2**30:.1f} GiB for {capacity:,} transitions "
-                             f"but only {available / 2**30:.1f} GiB is free; lower --buffer-size")
+            raise UsageError(
+                f"the replay buffer needs {need / 2**30:.1f} GiB for {capacity:,} transitions "
+                f"but only {available / 2**30:.1f} GiB is free; lower --buffer-size"
+            )
         try:
             self.frames = np.empty((self.size, *frame_shape), dtype=frame_dtype)
             self.action = np.empty((self.size, action_dim), dtype=np.float32)
@@ -441,7 +665,9 @@ class ReplayBuffer:
             self.not_done = np.empty(self.size, dtype=np.float32)
             self.age = np.empty(self.size, dtype=np.int32)
         except MemoryError:
-            raise UsageError(f"cannot allocate {need / 2**30:.1f} GiB for the replay buffer; lower --buffer-size") from None
+            raise UsageError(
+                f"cannot allocate {need / 2**30:.1f} GiB for the replay buffer; lower --buffer-size"
+            ) from None
         self.t = 0  # slots ever written; slot t lives at index t % size
         self.has_transition = False
         self.rng = np.random.default_rng(seed)
@@ -449,7 +675,9 @@ class ReplayBuffer:
 
     @property
     def nbytes(self):
-        return sum(a.nbytes for a in (self.frames, self.action, self.reward, self.not_done, self.age))
+        return sum(
+            a.nbytes for a in (self.frames, self.action, self.reward, self.not_done, self.age)
+        )
 
     @property
     def bytes_per_transition(self):
@@ -465,11 +693,17 @@ class ReplayBuffer:
 
     def add_first(self, obs):
         """The first observation of an episode: keep its newest frame."""
-        self._write(obs[-self.frame_shape[0]:], 0)
+        self._write(obs[-self.frame_shape[0] :], 0)
 
     def add(self, action, reward, not_done, next_obs):
         """A transition: keep the newest frame of next_obs; obs is already in the ring."""
-        self._write(next_obs[-self.frame_shape[0]:], self.age[(self.t - 1) % self.size] + 1, action, reward, not_done)
+        self._write(
+            next_obs[-self.frame_shape[0] :],
+            self.age[(self.t - 1) % self.size] + 1,
+            action,
+            reward,
+            not_done,
+        )
         self.has_transition = True
 
     def _valid(self, t):
@@ -488,18 +722,21 @@ class ReplayBuffer:
         return np.concatenate(picked)[:n]
 
     def get(self, t):
-        """Transitions at slots t: (obs, action, reward, next_obs, not_done) as tensors on device."""
+        """Transitions at slots t: (obs, action, reward, next_obs, not_done), tensors on device."""
         i = t % self.size
         back = np.minimum(np.arange(self.k + 1)[None], self.age[i][:, None])  # (B, k+1) steps back
-        frames = torch.from_numpy(self.frames[(t[:, None] - back) % self.size])  # (B, k+1, C, H, W), newest first
-        scalars = torch.from_numpy(np.concatenate(
-            [self.action[i], self.reward[i, None], self.not_done[i, None]], axis=1))
+        frames = torch.from_numpy(
+            self.frames[(t[:, None] - back) % self.size]
+        )  # (B, k+1, C, H, W), newest first
+        scalars = torch.from_numpy(
+            np.concatenate([self.action[i], self.reward[i, None], self.not_done[i, None]], axis=1)
+        )
         if self.pin:
             frames, scalars = frames.pin_memory(), scalars.pin_memory()
         frames = frames.to(self.device, non_blocking=True).flip(1)  # oldest first
         scalars = scalars.to(self.device, non_blocking=True)
         b = len(t)
-        obs = frames[:, :self.k].reshape(b, -1, *self.frame_shape[1:])  # (B, k*C, H, W)
+        obs = frames[:, : self.k].reshape(b, -1, *self.frame_shape[1:])  # (B, k*C, H, W)
         next_obs = frames[:, 1:].reshape(b, -1, *self.frame_shape[1:])
         return obs, scalars[:, :-2], scalars[:, -2:-1], next_obs, scalars[:, -1:]
 
@@ -516,8 +753,14 @@ class ReplayBuffer:
         i = np.arange(start, self.t) % self.size
         path = os.path.join(folder, f"replay_{start:012d}_{self.t:012d}.npz")
         with atomic_write(path) as f:
-            np.savez(f, frames=self.frames[i], action=self.action[i], reward=self.reward[i],
-                     not_done=self.not_done[i], age=self.age[i])
+            np.savez(
+                f,
+                frames=self.frames[i],
+                action=self.action[i],
+                reward=self.reward[i],
+                not_done=self.not_done[i],
+                age=self.age[i],
+            )
 
     def load_chunks(self, folder, t):
         """Refill the ring as it was when t slots had been written."""
@@ -531,14 +774,25 @@ class ReplayBuffer:
             try:
                 with np.load(path) as chunk:
                     i, part = np.arange(lo, hi) % self.size, slice(lo - start, hi - start)
-                    self.frames[i], self.action[i], self.reward[i] = chunk["frames"][part], chunk["action"][part], chunk["reward"][part]
+                    self.frames[i], self.action[i], self.reward[i] = (
+                        chunk["frames"][part],
+                        chunk["action"][part],
+                        chunk["reward"][part],
+                    )
                     self.not_done[i], self.age[i] = chunk["not_done"][part], chunk["age"][part]
             except Exception as e:
-                raise UsageError(f"replay chunk {path} is unreadable ({e.__class__.__name__}: truncated or corrupt)") from None
+                raise UsageError(
+                    f"replay chunk {path} is unreadable "
+                    f"({e.__class__.__name__}: truncated or corrupt)"
+                ) from None
             need = hi
         if need != t:
-            raise UsageError(f"replay chunks in {folder} end at slot {need}, the checkpoint needs {t}")
-        self.has_transition = bool((self.age[np.arange(max(0, t - self.size), t) % self.size] > 0).any())
+            raise UsageError(
+                f"replay chunks in {folder} end at slot {need}, the checkpoint needs {t}"
+            )
+        self.has_transition = bool(
+            (self.age[np.arange(max(0, t - self.size), t) % self.size] > 0).any()
+        )
 
 
 def replay_chunks(folder):
@@ -557,421 +811,7 @@ def available_memory():
         return None
 
 
-# ============================================================================ networks
-def conv_output_size(image_size, num_layers):
-    """Side of the last conv map: 3x3 kernels, no padding, stride 2 then 1 (84 -> 41 -> 39 -> 37 -> 35)."""
-    return (image_size - 3) // 2 + 1 - 2 * (num_layers - 1)
-
-
-def weight_init(m):
-    """Orthogonal Linear weights; conv kernels zero but an orthogonal centre tap (authors' code)."""
-    if isinstance(m, nn.Linear):
-        nn.init.orthogonal_(m.weight)
-        nn.init.zeros_(m.bias)
-    elif isinstance(m, (nn.Conv2d, nn.ConvTranspose2d)):
-        nn.init.zeros_(m.weight)
-        nn.init.zeros_(m.bias)
-        mid = m.weight.size(2) // 2
-        nn.init.orthogonal_(m.weight.data[:, :, mid, mid], nn.init.calculate_gain("relu"))
-
-
-def mlp(in_dim, hidden_dim, out_dim):
-    return nn.Sequential(nn.Linear(in_dim, hidden_dim), nn.ReLU(), nn.Linear(hidden_dim, hidden_dim),
-                         nn.ReLU(), nn.Linear(hidden_dim, out_dim))
-
-
-class ConvTrunk(nn.Module):
-    """The four conv layers that the critic and the actor share (Fig. 4)."""
-
-    def __init__(self, in_channels, image_size, num_filters=32, num_layers=4):
-        super().__init__()
-        layers = [nn.Conv2d(in_channels, num_filters, 3, stride=2), nn.ReLU(inplace=True)]
-        for _ in range(num_layers - 1):
-            layers += [nn.Conv2d(num_filters, num_filters, 3, stride=1), nn.ReLU(inplace=True)]
-        self.convs = nn.Sequential(*layers)
-        self.out_dim = num_filters * conv_output_size(image_size, num_layers) ** 2
-        # oneDNN and cuDNN convolve NHWC fastest (about 1.5x here on CPU); the maths is unchanged.
-        self.memory_format = torch.channels_last
-
-    def scale(self, obs):  # uint8 pixels -> float32 in [0, 1], laid out as the convs want
-        return obs.contiguous(memory_format=self.memory_format).to(torch.float32, copy=True).div_(255.0)  # reorder as uint8: 4x fewer bytes
-
-    def forward(self, obs):  # (B, 9, 84, 84) uint8, or already scaled -> (B, 39200)
-        return self.convs(self.scale(obs) if obs.dtype == torch.uint8 else obs).flatten(1)
-
-
-class Encoder(nn.Module):
-    """A conv trunk, possibly shared, then this encoder's own Linear -> LayerNorm -> tanh head.
-
-    With --obs state both parts are identities: SAC reads the state itself.
-    """
-
-    def __init__(self, trunk, feature_dim=None, stochastic=False):
-        super().__init__()
-        self.trunk = trunk
-        if isinstance(trunk, nn.Identity):
-            self.head, self.feature_dim = nn.Identity(), feature_dim
-        else:
-            self.head = nn.Sequential(nn.Linear(trunk.out_dim, feature_dim), nn.LayerNorm(feature_dim), nn.Tanh())
-            self.feature_dim = feature_dim
-        # beta-VAE (Sec. 4): the head above gives the posterior mean, which the RL heads read; this
-        # one its log-variance, used only by the reconstruction step.
-        self.log_var = nn.Linear(trunk.out_dim, feature_dim) if stochastic else None
-
-    def forward(self, obs, detach_trunk=False):  # (B, 9, 84, 84) -> (B, 50)
-        h = self.trunk(obs)
-        return self.head(h.detach() if detach_trunk else h)
-
-
-def kl_to_standard_normal(mu, log_var):
-    """KL(N(mu, exp(log_var)) || N(0, I)), summed over latent dims, averaged over the batch."""
-    return (0.5 * (mu.pow(2) + log_var.exp() - 1 - log_var).sum(dim=1)).mean()
-
-
-class Decoder(nn.Module):
-    """z -> reconstructed observation: the encoder mirrored with transposed convs (Fig. 4)."""
-
-    def __init__(self, out_channels, image_size, feature_dim=50, num_filters=32, num_layers=4):
-        super().__init__()
-        self.side = conv_output_size(image_size, num_layers)
-        self.num_filters = num_filters
-        self.fc = nn.Linear(feature_dim, num_filters * self.side ** 2)
-        layers = []
-        for _ in range(num_layers - 1):
-            layers += [nn.ConvTranspose2d(num_filters, num_filters, 3, stride=1), nn.ReLU(inplace=True)]
-        # The stride-2 layer gives back 2s+1 pixels; output_padding adds the one an even size lost.
-        layers.append(nn.ConvTranspose2d(num_filters, out_channels, 3, stride=2, output_padding=(image_size - 3) % 2))
-        self.deconvs = nn.Sequential(*layers)
-        self.memory_format = torch.channels_last
-
-    def forward(self, z):  # (B, 50) -> (B, 9, 84, 84), no output activation
-        h = F.relu(self.fc(z)).view(-1, self.num_filters, self.side, self.side)
-        return self.deconvs(h.contiguous(memory_format=self.memory_format))
-
-
-class Critic(nn.Module):
-    """Encoder, then two Q heads on concat(z, a) (clipped double Q)."""
-
-    def __init__(self, encoder, action_dim, hidden_dim=1024):
-        super().__init__()
-        self.encoder = encoder
-        self.Q1 = mlp(encoder.feature_dim + action_dim, hidden_dim, 1)
-        self.Q2 = mlp(encoder.feature_dim + action_dim, hidden_dim, 1)
-
-    def forward(self, obs, action, detach_trunk=False, detach_latent=False):
-        z = self.encoder(obs, detach_trunk)
-        return self.q(z.detach() if detach_latent else z, action)
-
-    def q(self, z, action):  # (B, 50), (B, A) -> (B, 1), (B, 1)
-        za = torch.cat([z, action], dim=-1)
-        return self.Q1(za).float(), self.Q2(za).float()
-
-
-class Actor(nn.Module):
-    """tanh-squashed Gaussian policy on its own encoder head over the shared, detached trunk."""
-
-    def __init__(self, encoder, action_dim, hidden_dim=1024, log_std_min=-10.0, log_std_max=2.0):
-        super().__init__()
-        self.encoder = encoder
-        self.policy = mlp(encoder.feature_dim, hidden_dim, 2 * action_dim)
-        self.log_std_min, self.log_std_max = log_std_min, log_std_max
-
-    def forward(self, obs):
-        # Sec. 5: the actor reads the shared conv features detached, so its loss never moves the
-        # convs; only the critic and the decoder shape them.
-        return self.dist(self.encoder(obs, detach_trunk=True))
-
-    def dist(self, z):  # (B, 50) -> mean, log_std, each (B, A)
-        mu, log_std = self.policy(z).float().chunk(2, dim=-1)
-        # tanh then affine onto [log_std_min, log_std_max] (authors' code), a soft clamp.
-        log_std = self.log_std_min + 0.5 * (self.log_std_max - self.log_std_min) * (torch.tanh(log_std) + 1)
-        return mu, log_std
-
-
-def sample_action(mu, log_std):
-    """Reparameterised tanh-Gaussian sample and its log-probability (SAC, Haarnoja et al. App. C)."""
-    noise = torch.randn_like(mu)
-    u = mu + noise * log_std.exp()
-    log_prob = (-0.5 * noise.pow(2) - log_std).sum(-1, keepdim=True) - 0.5 * math.log(2 * math.pi) * mu.size(-1)
-    action = torch.tanh(u)
-    # Change of variables through tanh; relu and 1e-6 guard the log as in the authors' code.
-    log_prob = log_prob - torch.log(F.relu(1 - action.pow(2)) + 1e-6).sum(-1, keepdim=True)
-    return action, log_prob
-
-
-def reconstruction_target(obs, bits=5):
-    """uint8 obs -> `bits`-bit values in [-0.5, 0.5) plus uniform dequantisation noise (Sec. 6, Kingma & Dhariwal)."""
-    bins = 2 ** bits
-    noise = torch.rand(obs.shape, device=obs.device)
-    # floor(obs / 2^(8-bits)) as an exact integer shift; then (bin + noise) / bins - 0.5 in place.
-    return noise.add_(obs >> (8 - bits)).div_(bins).sub_(0.5)
-
-
-# ============================================================================ agent
-class SACAE:
-    """SAC whose critic encoder is also trained to reconstruct its input (SAC+AE, Sec. 5).
-
-    `update` runs the four steps of SPEC 4 in order and returns a dict of metric tensors
-    (no host sync); one method per loss.
-    """
-
-    def __init__(self, obs_shape, action_dim, device, args):
-        self.device, self.args = device, args
-        # Autocast for the forward passes only; parameters, losses and Adam stay float32.
-        self.amp = lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.precision == "bf16")
-        if args.obs == "pixels":
-            trunk = ConvTrunk(obs_shape[0], args.image_size, args.num_filters, args.num_conv_layers)
-            trunk.apply(weight_init)
-        else:
-            trunk = nn.Identity()
-        # One trunk object, two encoder heads: the critic's and the actor's see the same convs.
-        self.critic = Critic(Encoder(trunk, args.feature_dim if args.obs == "pixels" else obs_shape[0],
-                                     stochastic=args.decoder == "vae"), action_dim, args.hidden_dim)
-        self.actor = Actor(Encoder(trunk, self.critic.encoder.feature_dim), action_dim, args.hidden_dim,
-                           args.actor_log_std_min, args.actor_log_std_max)
-        for module in (self.critic.encoder.head, self.critic.Q1, self.critic.Q2, self.actor.encoder.head, self.actor.policy):
-            module.apply(weight_init)
-        if self.critic.encoder.log_var is not None:
-            self.critic.encoder.log_var.apply(weight_init)
-        if args.freeze_encoder:  # transfer (Fig. 7): the loaded encoder stays as it is
-            for encoder in (self.critic.encoder, self.actor.encoder):
-                encoder.requires_grad_(False)
-        self.critic_target = copy.deepcopy(self.critic)  # its own trunk: the target encoder
-        self.decoder = None
-        if args.decoder in ("pixel", "vae"):
-            self.decoder = Decoder(obs_shape[0], args.image_size, args.feature_dim, args.num_filters, args.num_conv_layers)
-            self.decoder.apply(weight_init)
-        self.log_alpha = torch.tensor(math.log(args.init_temperature))
-        self.target_entropy = -float(action_dim)
-        self.to(device)
-
-        # The actor's optimizer owns its head and MLP, never the shared trunk.
-        actor_params = [p for n, p in self.actor.named_parameters() if not n.startswith("encoder.trunk.") and p.requires_grad]
-        critic_params = [p for p in self.critic.parameters() if p.requires_grad]  # --freeze-encoder leaves some out
-        adam = dict(fused=True)  # one kernel per optimizer step
-        self.actor_opt = torch.optim.Adam(actor_params, lr=args.actor_lr, betas=(args.actor_beta, 0.999), **adam)
-        self.critic_opt = torch.optim.Adam(critic_params, lr=args.critic_lr, betas=(args.critic_beta, 0.999), **adam)
-        self.log_alpha_opt = torch.optim.Adam([self.log_alpha], lr=args.alpha_lr, betas=(args.alpha_beta, 0.999), **adam)
-        if self.decoder is not None:
-            # The encoder gets a second Adam for the reconstruction step (authors' code).
-            encoder_params = [p for p in self.critic.encoder.parameters() if p.requires_grad]
-            self.encoder_opt = torch.optim.Adam(encoder_params, lr=args.encoder_lr, **adam) if encoder_params else None
-            self.decoder_opt = torch.optim.Adam(self.decoder.parameters(), lr=args.decoder_lr,
-                                                weight_decay=args.decoder_weight_decay, **adam)
-        self.actor_params = actor_params
-        self.compiled = {}  # --compile: one compiled update_step per combination of parts, made at first use
-
-    def to(self, device):
-        for m in self.modules().values():
-            m.to(device, memory_format=torch.channels_last)  # conv kernels NHWC, as their inputs
-        self.log_alpha = self.log_alpha.to(device).requires_grad_()
-        return self
-
-    def modules(self):
-        mods = {"critic": self.critic, "critic_target": self.critic_target, "actor": self.actor}
-        if self.decoder is not None:
-            mods["decoder"] = self.decoder
-        return mods
-
-    def load_encoder(self, path):
-        """Copy the conv trunk and the encoder heads from another run (transfer, Fig. 7); the
-        target encoder starts as a copy of the loaded one."""
-        parts = [self.critic.encoder, self.actor.encoder]
-        file = os.path.join(path, "model.pt") if os.path.isdir(path) else path
-        try:
-            damaged = zip_damage(file)
-            if damaged:
-                raise ValueError(damaged)
-            saved = torch.load(file, map_location="cpu", weights_only=False)
-            saved = saved["agent"] if "agent" in saved else saved  # a checkpoint, or model.pt
-            critic, actor = saved["critic"], saved["actor"]
-        except Exception as e:
-            raise UsageError(f"--load-encoder {path}: cannot read encoder weights from {file} ({e})") from None
-        for encoder, state in zip(parts, (critic, actor)):
-            mine = {k: v for k, v in encoder.state_dict().items() if not k.startswith("log_var.") or "encoder." + k in state}
-            try:
-                encoder.load_state_dict({k: state["encoder." + k] for k in mine}, strict=False)
-            except (KeyError, RuntimeError) as e:
-                raise UsageError(f"--load-encoder {path}: its encoder does not fit this one (image size, "
-                                 f"filters, layers or feature dim differ: {str(e).splitlines()[0][:120]})") from None
-        self.critic_target.encoder.load_state_dict(self.critic.encoder.state_dict())
-
-    def optimizers(self):
-        return {k: v for k, v in vars(self).items() if isinstance(v, torch.optim.Optimizer)}
-
-    def state_dict(self):
-        state = {k: m.state_dict() for k, m in {**self.modules(), **self.optimizers()}.items()}
-        state["log_alpha"] = self.log_alpha.detach().clone()
-        return state
-
-    def load_state_dict(self, state):
-        for k, m in {**self.modules(), **self.optimizers()}.items():
-            m.load_state_dict(state[k])
-        with torch.no_grad():
-            self.log_alpha.copy_(state["log_alpha"])
-
-    def parameters(self):
-        return [self.log_alpha] + [p for m in self.modules().values() for p in m.parameters()]
-
-    @property
-    def alpha(self):
-        return self.log_alpha.exp()
-
-    @torch.no_grad()
-    def act(self, obs, deterministic=False):
-        obs = torch.as_tensor(obs, device=self.device).unsqueeze(0)
-        with self.amp():
-            mu, log_std = self.actor(obs)
-        action = (torch.tanh(mu) if deterministic else sample_action(mu, log_std)[0])[0].cpu().numpy()
-        if not np.isfinite(action).all():  # never hand the simulator a NaN: it fails with a PhysicsError
-            raise NonFiniteError(f"the policy's action became {action.tolist()}")
-        return action
-
-    @torch.no_grad()
-    def latent(self, obs):
-        """The critic's latent z of one observation (the posterior mean with --decoder vae)."""
-        with self.amp():
-            return self.critic.encoder(torch.as_tensor(obs, device=self.device).unsqueeze(0))[0].float().cpu().numpy()
-
-    @torch.no_grad()
-    def reconstruct(self, obs):
-        with self.amp():
-            z = self.critic.encoder(torch.as_tensor(obs, device=self.device).unsqueeze(0))
-            return self.decoder(z)[0].float().cpu().numpy()
-
-    def update(self, batch, step):
-        """One update of SPEC 4. `step` is the agent step: even steps also move actor and targets."""
-        parts = dict(do_actor=step % self.args.actor_update_freq == 0,
-                     do_targets=step % self.args.target_update_freq == 0,
-                     do_ae=self.decoder is not None and step % self.args.ae_update_freq == 0)
-        if self.args.compile:
-            metrics = self.compiled_step(parts)(*batch)
-        else:
-            metrics = self.update_step(*batch, **parts)
-        # The caller keeps these until its next host sync. A reduced loss can be a 0-d view of the
-        # whole element-wise buffer (F.mse_loss on CPU: 32 MB at batch 128), so copy each value
-        # out: the kept metrics then hold 4 bytes each, not the batch's buffers.
-        return {k: v.detach().clone() for k, v in metrics.items()}
-
-    def update_step(self, obs, action, reward, next_obs, not_done, do_actor, do_targets, do_ae):
-        pixels = obs  # uint8: the autoencoder's target is made from these
-        if self.args.obs == "pixels":  # scale each batch once for the four trunk passes that read it
-            trunk = self.critic.encoder.trunk
-            obs, next_obs = trunk.scale(obs), trunk.scale(next_obs)
-        metrics = self.update_critic(obs, action, reward, next_obs, not_done)
-        if do_actor or do_ae:
-            # The critic step just moved the trunk; the actor step cannot, so the post-step conv
-            # features and critic latent serve the actor, its Q evaluation and the autoencoder.
-            with self.amp():
-                h = self.critic.encoder.trunk(obs)
-                z = self.critic.encoder.head(h).float()
-            if do_actor:
-                metrics.update(self.update_actor_and_alpha(h.detach(), z.detach()))
-        if do_targets:
-            self.update_targets()
-        if do_ae:
-            metrics.update(self.update_autoencoder(pixels, h, z))
-        return metrics
-
-    def compiled_step(self, parts):
-        """update_step with these parts fixed, through torch.compile (LeanRL's approach: the eager
-        code stays the code); each combination is compiled at its first use."""
-        key = tuple(parts.values())
-        if key in self.compiled:
-            return self.compiled[key]
-        fn = self.compiled[key] = torch.compile(functools.partial(self.update_step, **parts))
-
-        def timed(*batch):
-            began = time.perf_counter()
-            metrics = fn(*batch)
-            names = [name[3:] for name, on in parts.items() if on]
-            print(f"[compile] update with critic{''.join(', ' + n for n in names)}: compiled in "
-                  f"{time.perf_counter() - began:.1f} s", flush=True)
-            return metrics
-        return timed
-
-    def __getstate__(self):  # copies (the ETA's timing probe) compile their own update
-        return {**self.__dict__, "compiled": {}}
-
-    def update_critic(self, obs, action, reward, next_obs, not_done):
-        with torch.no_grad(), self.amp():
-            next_action, next_log_pi = sample_action(*self.actor(next_obs))
-            target_q1, target_q2 = self.critic_target(next_obs, next_action)
-            target_v = torch.min(target_q1, target_q2) - self.alpha * next_log_pi
-            target_q = reward + not_done * self.args.gamma * target_v  # soft Bellman backup
-        with self.amp():
-            # SAC+AE: the critic's gradient reaches the encoder (Sec. 5); --ae-grad separate: it does not.
-            q1, q2 = self.critic(obs, action, detach_latent=self.args.ae_grad == "separate")
-        loss = F.mse_loss(q1, target_q) + F.mse_loss(q2, target_q)
-        self.critic_opt.zero_grad(set_to_none=True)
-        loss.backward()
-        self.critic_opt.step()
-        return {"critic_loss": loss.detach(), "q": q1.detach().mean()}
-
-    def update_actor_and_alpha(self, h, z):
-        """h: detached trunk features of obs; z: the critic's latent of obs, detached."""
-        with self.amp():
-            mu, log_std = self.actor.dist(self.actor.encoder.head(h))
-            pi, log_pi = sample_action(mu, log_std)
-            q1, q2 = self.critic.q(z, pi)
-        actor_loss = (self.alpha.detach() * log_pi - torch.min(q1, q2)).mean()
-        self.actor_opt.zero_grad(set_to_none=True)
-        actor_loss.backward(inputs=self.actor_params)  # the critic is not updated by this loss
-        self.actor_opt.step()
-        # Temperature: raise alpha while the entropy is below target, lower it above.
-        alpha_loss = (self.alpha * (-log_pi - self.target_entropy).detach()).mean()
-        self.log_alpha_opt.zero_grad(set_to_none=True)
-        alpha_loss.backward()
-        self.log_alpha_opt.step()
-        return {"actor_loss": actor_loss.detach(), "alpha_loss": alpha_loss.detach(),
-                "alpha": self.alpha.detach(), "entropy": -log_pi.detach().mean()}
-
-    @torch.no_grad()
-    def update_targets(self):
-        # The target encoder follows faster (tau 0.05) than the Q heads (tau 0.01).
-        for online, target, tau in ((self.critic.Q1, self.critic_target.Q1, self.args.critic_tau),
-                                    (self.critic.Q2, self.critic_target.Q2, self.args.critic_tau),
-                                    (self.critic.encoder, self.critic_target.encoder, self.args.encoder_tau)):
-            target_params = list(target.parameters())
-            if target_params:  # an identity encoder (--obs state) has none
-                torch._foreach_lerp_(target_params, list(online.parameters()), tau)
-
-    def update_autoencoder(self, obs, h, z):
-        """RAE (Sec. 5): reconstruction + latent penalty, decoder weight decay in Adam; or beta-VAE
-        (Sec. 4): reconstruction of a sampled latent + beta * KL. h: trunk features, z: latent of obs."""
-        target = reconstruction_target(obs, self.args.ae_bits)
-        metrics = {}
-        if self.args.decoder == "vae":
-            with self.amp():
-                log_var = self.critic.encoder.log_var(h).float()
-            sample = z + torch.randn_like(z) * (0.5 * log_var).exp()  # reparameterised
-            kl = kl_to_standard_normal(z, log_var)
-            with self.amp():
-                recon = self.decoder(sample).float()
-            recon_loss = F.mse_loss(recon, target)
-            loss = recon_loss + self.args.vae_beta * kl
-            metrics["kl"] = kl.detach()
-        else:
-            with self.amp():
-                recon = self.decoder(z).float()
-            recon_loss = F.mse_loss(recon, target)
-            latent_loss = (0.5 * z.pow(2).sum(dim=1)).mean()
-            loss = recon_loss + self.args.decoder_latent_lambda * latent_loss
-        for opt in (self.encoder_opt, self.decoder_opt):  # no encoder_opt with --freeze-encoder
-            if opt is not None:
-                opt.zero_grad(set_to_none=True)
-        loss.backward()
-        for opt in (self.encoder_opt, self.decoder_opt):
-            if opt is not None:
-                opt.step()
-        return {"ae_loss": loss.detach(), "recon_loss": recon_loss.detach(), **metrics}
-
-    def train(self, training=True):
-        for m in self.modules().values():
-            m.train(training)
-
-
-# ============================================================================ evaluation
+# ======================================================================================= evaluation
 def evaluate(env, agent, episodes, video_path=None, probe=False):
     """Deterministic policy (tanh of the mean) on the evaluation environment.
 
@@ -995,8 +835,14 @@ def evaluate(env, agent, episodes, video_path=None, probe=False):
         returns.append(total)
     if frames:
         import imageio
+
         imageio.mimsave(video_path, frames, fps=30)
-    return returns, (np.stack(latents) if probe else None), (np.stack(states) if probe else None), sample
+    return (
+        returns,
+        (np.stack(latents) if probe else None),
+        (np.stack(states) if probe else None),
+        sample,
+    )
 
 
 def linear_probe(latents, states, groups):
@@ -1005,10 +851,15 @@ def linear_probe(latents, states, groups):
     and per group of the task's observations; NaN with fewer than 4 frames per coefficient in the
     fitting half. Returns {"probe_r2": .., "probe_r2_<group>": ..}."""
     n = len(latents) // 2
-    x = np.concatenate([latents, np.ones((len(latents), 1))], axis=1).astype(np.float64)  # with a bias
+    x = np.concatenate([latents, np.ones((len(latents), 1))], axis=1).astype(
+        np.float64
+    )  # with a bias
     y = states.astype(np.float64)
     if n < 4 * x.shape[1]:  # too few frames: the fit would memorise them and R^2 mean nothing
-        return {"probe_r2": float("nan"), **{f"probe_r2_{name}": float("nan") for name, _ in groups}}
+        return {
+            "probe_r2": float("nan"),
+            **{f"probe_r2_{name}": float("nan") for name, _ in groups},
+        }
     weights, *_ = np.linalg.lstsq(x[:n], y[:n], rcond=None)
     residual = ((y[n:] - x[n:] @ weights) ** 2).sum(0)
     total = ((y[n:] - y[n:].mean(0)) ** 2).sum(0)
@@ -1016,8 +867,10 @@ def linear_probe(latents, states, groups):
     r2 = np.where(varies, 1 - residual / np.where(varies, total, 1), np.nan)
     out, start = {"probe_r2": float(np.nanmean(r2)) if varies.any() else float("nan")}, 0
     for name, size in groups:
-        part = r2[start:start + size]
-        out[f"probe_r2_{name}"] = float(np.nanmean(part)) if np.isfinite(part).any() else float("nan")
+        part = r2[start : start + size]
+        out[f"probe_r2_{name}"] = (
+            float(np.nanmean(part)) if np.isfinite(part).any() else float("nan")
+        )
         start += size
     return out
 
@@ -1026,12 +879,20 @@ def reconstruction_image(obs, recon, frame_channels=3):
     """(k*3, H, W) uint8 observation and its reconstruction in [-0.5, 0.5] -> one (2H, kW, 3) uint8
     picture: the k stacked frames on top, their reconstructions below."""
     rebuilt = np.clip((recon + 0.5) * 255.0, 0, 255).round().astype(np.uint8)
-    rows = [np.concatenate([im[i:i + frame_channels].transpose(1, 2, 0) for i in range(0, len(im), frame_channels)], 1)
-            for im in (obs, rebuilt)]
+    rows = [
+        np.concatenate(
+            [
+                im[i : i + frame_channels].transpose(1, 2, 0)
+                for i in range(0, len(im), frame_channels)
+            ],
+            1,
+        )
+        for im in (obs, rebuilt)
+    ]
     return np.concatenate(rows, axis=0)
 
 
-# ============================================================================ logging
+# ==================================================================================== training loop
 class CSVLog:
     """Append rows to a CSV file, writing the header once and flushing every row."""
 
@@ -1043,24 +904,61 @@ class CSVLog:
             self.writer.writeheader()
 
     def write(self, row):
-        self.writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
+        self.writer.writerow(
+            {k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()}
+        )
         self.file.flush()
 
     def close(self):
         self.file.close()
 
 
-EVAL_FIELDS = ["env_step", "agent_step", "episode_return_mean", "episode_return_std", "episode_return_min",
-               "episode_return_max", "episodes", "wall_time"]
-METRICS = ["critic_loss", "q", "actor_loss", "alpha_loss", "alpha", "entropy", "ae_loss", "recon_loss", "kl"]
-TRAIN_FIELDS = ["env_step", "agent_step", "episode", "episode_return", "episode_length", "updates",
-                *METRICS, "fps", "wall_time"]
+EVAL_FIELDS = [
+    "env_step",
+    "agent_step",
+    "episode_return_mean",
+    "episode_return_std",
+    "episode_return_min",
+    "episode_return_max",
+    "episodes",
+    "wall_time",
+]
+METRICS = [
+    "critic_loss",
+    "q",
+    "actor_loss",
+    "alpha_loss",
+    "alpha",
+    "entropy",
+    "ae_loss",
+    "recon_loss",
+    "kl",
+]
+TRAIN_FIELDS = [
+    "env_step",
+    "agent_step",
+    "episode",
+    "episode_return",
+    "episode_length",
+    "updates",
+    *METRICS,
+    "fps",
+    "wall_time",
+]
 
 
 # CleanRL's names, so its users find the curves where they expect them.
-TENSORBOARD_TAGS = {"charts/episodic_return": "episode_return", "charts/SPS": "fps", "losses/qf_loss": "critic_loss",
-                    "losses/actor_loss": "actor_loss", "losses/alpha": "alpha", "losses/alpha_loss": "alpha_loss",
-                    "losses/entropy": "entropy", "losses/ae_loss": "ae_loss", "losses/kl": "kl"}
+TENSORBOARD_TAGS = {
+    "charts/episodic_return": "episode_return",
+    "charts/SPS": "fps",
+    "losses/qf_loss": "critic_loss",
+    "losses/actor_loss": "actor_loss",
+    "losses/alpha": "alpha",
+    "losses/alpha_loss": "alpha_loss",
+    "losses/entropy": "entropy",
+    "losses/ae_loss": "ae_loss",
+    "losses/kl": "kl",
+}
 
 
 def duration(seconds):
@@ -1072,7 +970,927 @@ def duration(seconds):
     return f"{seconds // 60}m{seconds % 60:02d}s"
 
 
-# ============================================================================ checkpointing
+def pick_device(name):
+    """torch.device for --device, and the GPU numerics: true float32 (TF32 off, as the authors'
+    pre-Ampere GPUs computed; --precision bf16 is the fast mode) and cuDNN's autotuner, which picks
+    the fastest kernels for the fixed shapes (so GPU runs are not bit-identical, see README)."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(name)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
+        torch.backends.cudnn.benchmark = True
+    return device
+
+
+def render_on_training_gpu(device_name):
+    """Point dm_control's EGL at the GPU that trains. MUJOCO_EGL_DEVICE_ID numbers all GPUs, while
+    cuda:N numbers those in CUDA_VISIBLE_DEVICES; a value the user set is left alone."""
+    if os.environ.get("MUJOCO_GL") != "egl" or "MUJOCO_EGL_DEVICE_ID" in os.environ:
+        return
+    if device_name == "cpu" or not torch.cuda.is_available():
+        return
+    index = int(device_name.partition(":")[2] or 0)
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is None and torch.cuda.device_count() == 1:
+        return  # one GPU: EGL finds it by itself
+    if visible is not None:
+        ids = [v.strip() for v in visible.split(",")]
+        if index >= len(ids) or not ids[index].isdigit():
+            return  # GPU UUIDs or MIG names: no EGL index to give, EGL picks its first device
+        index = int(ids[index])
+    os.environ["MUJOCO_EGL_DEVICE_ID"] = str(index)
+
+
+def seed_everything(seed):
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def versions():
+    import importlib.metadata as md
+
+    out = {"python": sys.version.split()[0], "torch": torch.__version__, "numpy": np.__version__}
+    for pkg in ("dm_control", "mujoco"):
+        try:
+            out[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            out[pkg] = None
+    return out
+
+
+def time_one_update(agent, obs_shape, action_dim, batch_size, device):
+    """Seconds per update, timed on a throwaway copy of the agent (the run's RNG is untouched)."""
+    probe = copy.deepcopy(agent)
+    probe.args = argparse.Namespace(
+        **{**vars(agent.args), "compile": False}
+    )  # eager: no compile wait
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        obs = torch.zeros(
+            (batch_size, *obs_shape),
+            dtype=torch.uint8 if len(obs_shape) == 3 else torch.float32,
+            device=device,
+        )
+        batch = (
+            obs,
+            torch.zeros(batch_size, action_dim, device=device),
+            torch.zeros(batch_size, 1, device=device),
+            obs,
+            torch.ones(batch_size, 1, device=device),
+        )
+        times = []
+        for step in range(4):  # the first includes one-off setup; even and odd steps differ
+            start = time.perf_counter()
+            probe.update(batch, step)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - start)
+    return sum(times[2:]) / 2
+
+
+def time_env_steps(args, env_kwargs, steps=5):
+    """Seconds per environment step (physics and rendering), on a throwaway copy of the task."""
+    env = DMCEnv(args.domain, args.task, args.seed, **env_kwargs)
+    env.reset()
+    start, done = time.perf_counter(), 0
+    for _ in range(steps):
+        done += env.step(np.zeros(env.action_dim))[4]
+    return (time.perf_counter() - start) / done
+
+
+def episode_means(episode_metrics):
+    """Mean of each metric over the episode's updates; one host sync per metric, per episode.
+    Raises NonFiniteError naming the first NaN or inf loss and the agent step it appeared at."""
+    means = {}
+    for key in METRICS:
+        steps = [s for s, m in episode_metrics if key in m]
+        if steps:
+            values = torch.stack([m[key] for _, m in episode_metrics if key in m]).cpu()
+            bad = (~torch.isfinite(values)).nonzero()
+            if len(bad):
+                i = int(bad[0])
+                raise NonFiniteError(f"{key} became {values[i].item()} at agent step {steps[i]}")
+            means[key] = values.mean().item()
+    return means
+
+
+def updates_left(agent_step, total_agent_steps, init_steps, init_updates):
+    """Updates still to run at agent steps agent_step, agent_step + 1, ...: none before init_steps,
+    init_updates at it (the authors' burst), then one per agent step."""
+    left = max(0, total_agent_steps - max(agent_step, init_steps))
+    if agent_step <= init_steps < total_agent_steps:
+        left += init_updates - 1
+    return left
+
+
+class Clock:
+    """Seconds and environment steps of one kind of work, for fps and the ETA."""
+
+    def __init__(self):
+        self.seconds, self.steps = 0.0, 0
+
+    def add(self, seconds, steps):
+        self.seconds, self.steps = self.seconds + seconds, self.steps + steps
+
+    @property
+    def fps(self):
+        return self.steps / self.seconds if self.seconds > 0 else float("nan")
+
+
+def train(args):
+    device = pick_device(args.device)
+    stop = {}  # the signals received: the first asks for a checkpoint, a second to leave at once
+    critical = []  # non-empty while a checkpoint or model.pt is written: a second signal waits
+
+    def on_signal(signum, frame):
+        if stop and not critical:
+            raise Interrupted(signum)
+        if stop:
+            stop["again"] = signum
+            return
+        stop["signum"] = signum
+        print(
+            f"[signal] {signal.Signals(signum).name}: finishing this update or step, then "
+            "writing a "
+            "checkpoint (send it again to quit without one)",
+            flush=True,
+        )
+
+    handlers = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        return train_loop(args, device, stop, critical)
+    finally:
+        for s, h in handlers.items():
+            signal.signal(s, h)
+
+
+@contextlib.contextmanager
+def signals_held(stop, critical):
+    """Finish what is in the block even if a second signal arrives meanwhile; act on it after."""
+    critical.append(True)
+    try:
+        yield
+    finally:
+        critical.pop()
+    if "again" in stop:
+        raise Interrupted(stop["again"])
+
+
+def train_loop(args, device, stop, critical):
+    seed_everything(args.seed)
+    action_rng = np.random.default_rng(args.seed)  # the uniform actions of the first --init-steps
+    env_kwargs = dict(obs=args.obs, image_size=args.image_size, frame_stack=args.frame_stack,
+                      action_repeat=args.action_repeat)  # fmt: skip
+    env = DMCEnv(args.domain, args.task, args.seed, **env_kwargs)
+    eval_env = DMCEnv(args.domain, args.task, args.seed + EVAL_SEED_OFFSET, **env_kwargs)
+    obs = env.reset()  # renders once: a GL failure shows here, before the run folder exists
+    repeat, pixels = args.action_repeat, args.obs == "pixels"
+    buffer = ReplayBuffer(env.frame_shape, np.uint8 if pixels else np.float32, args.frame_stack,
+                          env.action_dim, args.buffer_size, env.episode_length, args.seed,
+                          device)  # fmt: skip
+    agent = SACAE(env.obs_shape, env.action_dim, device, args)
+    run_dir, logs = args.out_dir, {}
+
+    if args.resume:
+        loop, path = load_checkpoint(
+            run_dir, args, agent, buffer, env, eval_env, action_rng, device
+        )
+        obs = env.observation()
+        with open(os.path.join(run_dir, "config.json")) as f:
+            config = json.load(f)
+        config.update({k: getattr(args, k) for k in RESUMABLE}, device_resolved=str(device))
+        with writing("config.json"), atomic_write(os.path.join(run_dir, "config.json")) as f:
+            f.write(json.dumps(config, indent=2).encode())  # the next --resume sees the same run
+        due = f", {loop['updates_due']} of its burst still to run" if loop["updates_due"] else ""
+        print(f"[resume] {run_dir} from {os.path.basename(path)}: env step {loop['env_step']}, "
+              f"agent step {loop['agent_step']}, {loop['updates']} updates{due}",
+              flush=True)  # fmt: skip
+    else:
+        if args.load_encoder:
+            agent.load_encoder(args.load_encoder)
+        with writing("the run folder"):
+            os.makedirs(run_dir, exist_ok=True)
+            config = {**vars(args), "device_resolved": str(device), "versions": versions(),
+                      "episode_length_agent_steps": env.episode_length}  # fmt: skip
+            with atomic_write(os.path.join(run_dir, "config.json")) as f:
+                f.write(json.dumps(config, indent=2).encode())
+        loop = {"env_step": 0, "agent_step": 0, "episode": 0, "updates": 0, "wall_time": 0.0,
+                "next_eval": 0, "last_eval": -1, "next_checkpoint": args.checkpoint_freq,
+                "episode_return": 0.0, "episode_env_steps": 0, "episode_metrics": [],
+                "replay_saved": 0,
+                # An agent step whose updates a signal interrupted: its action, updates to go.
+                "pending_action": None, "updates_due": 0}  # fmt: skip
+        buffer.add_first(obs)
+    with writing("the run folder's logs"):
+        if args.save_video:
+            os.makedirs(os.path.join(run_dir, "video"), exist_ok=True)
+        if agent.decoder is not None:
+            os.makedirs(os.path.join(run_dir, "recon"), exist_ok=True)
+        probe_fields = [f"probe_r2_{name}" for name, _ in eval_env.state_groups]
+        probe_fields = ["probe_r2", *probe_fields] if pixels else []
+        logs["eval.csv"] = CSVLog(os.path.join(run_dir, "eval.csv"), EVAL_FIELDS + probe_fields)
+        logs["train.csv"] = CSVLog(os.path.join(run_dir, "train.csv"), TRAIN_FIELDS)
+        from torch.utils.tensorboard import SummaryWriter
+
+        # On resume, purge_step drops events logged after the checkpoint, as the CSVs are cut.
+        purge_step = loop["env_step"] + 1 if args.resume else None
+        tb = SummaryWriter(os.path.join(run_dir, "tb"), purge_step=purge_step)
+    unlisted = "" if args.domain in ACTION_REPEAT else " (default for unlisted domains)"
+    print(f"[setup] {args.domain}-{args.task} seed {args.seed} | obs {args.obs} decoder "
+          f"{args.decoder} | action repeat {repeat}{unlisted} | device {device} | replay "
+          f"{args.buffer_size:,} transitions, {buffer.nbytes / 2**30:.2f} GiB "
+          f"({buffer.bytes_per_transition:,.0f} B each) | {run_dir}", flush=True)  # fmt: skip
+
+    # For the ETA: an update and an environment step timed on copies, then the loop's own clocks:
+    # env_clock (acting and stepping), eval_clock (evaluations), episode_clock (a training
+    # episode's whole work, updates too, for its fps). Only this process's work counts.
+    sec_update = time_one_update(agent, env.obs_shape, env.action_dim, args.batch_size, device)
+    sec_env = time_env_steps(args, env_kwargs)
+    env_clock, eval_clock, episode_clock = Clock(), Clock(), Clock()
+    total_agent_steps = math.ceil(args.total_steps / repeat)
+
+    def updates_to_go():
+        next_step = loop["agent_step"] + (loop["pending_action"] is not None)
+        return loop["updates_due"] + updates_left(
+            next_step, total_agent_steps, args.init_steps, args.init_updates)  # fmt: skip
+
+    def eta():
+        """Seconds left: the updates to go, the environment steps, the evaluations."""
+        steps_left = max(0, total_agent_steps - loop["agent_step"]) * repeat
+        evals_left = len(range(loop["next_eval"], args.total_steps, args.eval_freq))
+        evals_left += loop["last_eval"] != args.total_steps  # the final evaluation
+        eval_steps = evals_left * args.eval_episodes * env.episode_length * repeat
+        sec_step = env_clock.seconds / env_clock.steps if env_clock.steps else sec_env
+        sec_eval_step = eval_clock.seconds / eval_clock.steps if eval_clock.steps else sec_step
+        return updates_to_go() * sec_update + steps_left * sec_step + eval_steps * sec_eval_step
+
+    gpu_job = device.type == "cpu" and updates_to_go() * sec_update > 6 * 3600
+    print(f"[eta] one update takes {sec_update * 1000:.0f} ms on {device}, one environment step "
+          f"{sec_env * 1000:.1f} ms: {updates_to_go():,} updates and "
+          f"{args.total_steps - loop['env_step']:,} environment steps to go, about "
+          f"{duration(eta())}" + (" -- a full pixel run is a GPU job" if gpu_job else ""),
+          flush=True)  # fmt: skip
+    start = time.time() - loop["wall_time"]
+
+    def run_eval():
+        step, began = loop["env_step"], time.perf_counter()
+        video = os.path.join(run_dir, "video", f"eval_{step}.mp4") if args.save_video else None
+        agent.train(False)
+        with writing("an evaluation video"):
+            returns, latents, states, sample = evaluate(
+                eval_env, agent, args.eval_episodes, video, probe=pixels)  # fmt: skip
+        seconds, steps = (
+            time.perf_counter() - began,
+            args.eval_episodes * env.episode_length * repeat,
+        )
+        eval_clock.add(seconds, steps)
+        loop["last_eval"] = step
+        loop["next_eval"] = (step // args.eval_freq + 1) * args.eval_freq
+        row = {"env_step": step, "agent_step": loop["agent_step"],
+               "episode_return_mean": float(np.mean(returns)),
+               "episode_return_std": float(np.std(returns)),
+               "episode_return_min": float(np.min(returns)),
+               "episode_return_max": float(np.max(returns)),
+               "episodes": len(returns), "wall_time": time.time() - start}  # fmt: skip
+        with writing("eval.csv, TensorBoard events or a reconstruction image"):
+            if pixels:
+                row.update(linear_probe(latents, states, eval_env.state_groups))
+                tb.add_scalar("eval/probe_r2", row["probe_r2"], step)
+            if agent.decoder is not None and sample is not None:
+                picture = reconstruction_image(sample, agent.reconstruct(sample))
+                import imageio.v3 as iio
+
+                # Encoded in memory, then written by us: a full disk fails here, in one place.
+                png = iio.imwrite("<bytes>", picture, extension=".png")
+                with open(os.path.join(run_dir, "recon", f"eval_{step}.png"), "wb") as f:
+                    f.write(png)
+                tb.add_image("eval/reconstruction", picture, step, dataformats="HWC")
+            logs["eval.csv"].write(row)
+            tb.add_scalar("eval/return", row["episode_return_mean"], step)
+            tb.flush()
+        agent.train(True)
+        probe = f" | probe R^2 {row['probe_r2']:.2f}" if pixels else ""
+        print(f"[eval] env_step {step} (agent {loop['agent_step']}) | return "
+              f"{row['episode_return_mean']:.1f} +- {row['episode_return_std']:.1f} over "
+              f"{len(returns)} episodes{probe} | fps {steps / max(seconds, 1e-9):.0f} | "
+              f"eta {duration(eta())}", flush=True)  # fmt: skip
+
+    path = None
+    try:
+        while True:
+            finished = loop["env_step"] >= args.total_steps
+            if loop["env_step"] >= loop["next_eval"] or (
+                finished and loop["last_eval"] != loop["env_step"]
+            ):
+                run_eval()
+            if stop or finished or loop["env_step"] >= loop["next_checkpoint"]:
+                episode_means(loop["episode_metrics"])  # raises before a poisoned checkpoint
+                every = args.checkpoint_freq
+                loop["next_checkpoint"] = (loop["env_step"] // every + 1) * every
+                loop["wall_time"] = time.time() - start
+                with signals_held(stop, critical), writing("a checkpoint"):
+                    tb.flush()
+                    path = save_checkpoint(
+                        run_dir, args, loop, agent, buffer, env, eval_env, action_rng, logs
+                    )  # fmt: skip
+            if stop:
+                print(f"[stopped] checkpoint {path}; resume with: python {sys.argv[0]} "
+                      f"--resume {run_dir}", flush=True)  # fmt: skip
+                return 128 + stop["signum"]
+            if finished:
+                break
+
+            # One agent step: act, update (a burst of --init-updates at --init-steps, then one
+            # per step, as the authors' code), step the environment, store the transition.
+            began, updating, step = time.perf_counter(), 0.0, loop["agent_step"]
+            if loop["pending_action"] is None:  # else a resumed step with updates still due
+                if step < args.init_steps:
+                    action = action_rng.uniform(-1.0, 1.0, env.action_dim).astype(np.float32)
+                else:
+                    action = agent.act(obs)
+                    loop["updates_due"] = args.init_updates if step == args.init_steps else 1
+                loop["pending_action"] = action
+                if loop["updates_due"] > 1:
+                    print(f"[burst] {loop['updates_due']} updates at agent step {step} (authors' "
+                          f"code), about {duration(loop['updates_due'] * sec_update)}",
+                          flush=True)  # fmt: skip
+            while loop["updates_due"] and not stop:  # a signal stops the burst within one update
+                t0 = time.perf_counter()
+                metrics = agent.update(buffer.sample(args.batch_size), step)
+                loop["episode_metrics"].append((step, metrics))
+                loop["updates_due"] -= 1
+                loop["updates"] += 1
+                updating += time.perf_counter() - t0
+                sec_update = 0.9 * sec_update + 0.1 * (time.perf_counter() - t0)
+            if stop:
+                continue  # the top of the loop writes the checkpoint, the pending step included
+            action, loop["pending_action"] = loop["pending_action"], None
+            obs, reward, discount, done, steps = env.step(action)
+            buffer.add(action, reward, discount, obs)
+            loop["agent_step"] += 1
+            loop["env_step"] += steps
+            loop["episode_env_steps"] += steps
+            loop["episode_return"] += reward
+            episode_clock.add(time.perf_counter() - began, steps)
+            env_clock.add(time.perf_counter() - began - updating, steps)
+
+            if done or loop["env_step"] >= args.total_steps:
+                # fps: environment steps per second of training (acting, updating, stepping) in
+                # this process; evaluations and checkpoints are not counted.
+                row = {"env_step": loop["env_step"], "agent_step": loop["agent_step"],
+                       "episode": loop["episode"], "episode_return": loop["episode_return"],
+                       "episode_length": loop["episode_env_steps"], "updates": loop["updates"],
+                       "fps": episode_clock.fps, "wall_time": time.time() - start,
+                       **episode_means(loop["episode_metrics"])}  # fmt: skip
+                with writing("train.csv or TensorBoard events"):
+                    logs["train.csv"].write(row)
+                    for tag, key in TENSORBOARD_TAGS.items():
+                        if key in row:
+                            tb.add_scalar(tag, row[key], loop["env_step"])
+                print(f"[train] env_step {loop['env_step']} (agent {loop['agent_step']}) | "
+                      f"episode {loop['episode']} | return {loop['episode_return']:.1f} | "
+                      f"fps {episode_clock.fps:.1f} | eta {duration(eta())}",
+                      flush=True)  # fmt: skip
+                loop.update(episode=loop["episode"] + 1, episode_return=0.0, episode_env_steps=0,
+                            episode_metrics=[])  # fmt: skip
+                episode_clock = Clock()
+                if done:
+                    obs = env.reset()
+                    buffer.add_first(obs)
+    except NonFiniteError as e:
+        if "action" in str(e):  # name the loss that went first, if one did
+            try:
+                episode_means(loop["episode_metrics"])
+            except NonFiniteError as first:
+                e = first
+        last = latest_checkpoint(run_dir) or "none yet"
+        raise NonFiniteError(f"{e} (agent step {loop['agent_step']}, env step {loop['env_step']}); "
+                             f"stopped without writing a checkpoint; last good checkpoint: "
+                             f"{last}") from None  # fmt: skip
+    except WriteError as e:
+        last = latest_checkpoint(run_dir)
+        how = (f"the last complete checkpoint {last} is intact: free space, then resume with "
+               f"python {sys.argv[0]} --resume {run_dir}" if last else
+               "no checkpoint was written yet: free space and start the run again")  # fmt: skip
+        raise WriteError(f"{e}; {how}") from None
+    finally:
+        for log in logs.values():
+            with contextlib.suppress(OSError):  # a full disk fails the close too; already reported
+                log.close()
+        with contextlib.suppress(Exception):
+            tb.close()
+
+    with signals_held(stop, critical), writing("model.pt"):
+        export_model(run_dir, args, agent)
+    print(f"[done] {loop['env_step']} environment steps in {duration(time.time() - start)}; "
+          f"weights in {os.path.join(run_dir, 'model.pt')}; run folder {run_dir}",
+          flush=True)  # fmt: skip
+    return 0
+
+
+# ====================================================================== flags: the manual is --help
+class RenderError(RuntimeError):
+    def __init__(self, cause):
+        super().__init__(
+            f"rendering with MUJOCO_GL={os.environ.get('MUJOCO_GL')} failed ({cause}); try "
+            "MUJOCO_GL=egl (GPU or Mesa EGL), MUJOCO_GL=osmesa (apt-get install libosmesa6) or "
+            "MUJOCO_GL=glfw (needs a display); --obs state runs without rendering under "
+            "MUJOCO_GL=disable"
+        )
+
+
+class UsageError(ValueError):
+    """A user mistake: reported as one line and exit status 2, before any work."""
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    def _get_help_string(self, action):  # defaults that are resolved later say so in their help
+        return action.help if action.default is None else super()._get_help_string(action)
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line instead of argparse's usage dump
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def checked(convert, valid, what):
+    """An argparse type: convert the text; refuse what is not `valid`, saying `what` it must be."""
+
+    def parse(text):
+        try:
+            value = convert(text)
+        except ValueError:
+            value = None
+        if value is None or not valid(value):
+            raise argparse.ArgumentTypeError(f"must be {what}, got '{text}'")
+        return value
+
+    return parse
+
+
+positive_int = checked(int, lambda v: v > 0, "a positive integer")
+nonnegative_int = checked(int, lambda v: v >= 0, "an integer >= 0")
+seed_int = checked(
+    int,
+    lambda v: 0 <= v < 2**32 - EVAL_SEED_OFFSET,  # numpy's range less the eval offset
+    f"an integer in [0, {2**32 - EVAL_SEED_OFFSET - 1}]",
+)
+bits_int = checked(int, lambda v: 1 <= v <= 8, "an integer in [1, 8]")
+positive_float = checked(float, lambda v: 0 < v < math.inf, "a positive number")
+nonnegative_float = checked(float, lambda v: 0 <= v < math.inf, "a number >= 0")
+unit_float = checked(float, lambda v: 0 <= v <= 1, "a number in [0, 1]")
+finite_float = checked(float, math.isfinite, "a finite number")
+device_name = checked(
+    str, lambda v: re.fullmatch(r"auto|cpu|cuda(:\d+)?", v), "auto, cpu, cuda or cuda:N"
+)
+
+
+def build_parser():
+    p = Parser(
+        prog="sac_ae.py",
+        description=__doc__.split("\n\n")[0] + " Every hyperparameter "
+        "defaults to the paper's and the authors' code; budgets count environment steps "
+        "(agent steps x action repeat), as the paper's plots do.",
+        formatter_class=HelpFormatter,
+    )
+    g = p.add_argument_group("task and run")
+    g.add_argument("--domain", default="cheetah", help="dm_control suite domain")
+    g.add_argument("--task", default="run", help="task of that domain")
+    g.add_argument(
+        "--seed", type=seed_int, default=1, help="seeds python, numpy, torch and both environments"
+    )
+    g.add_argument(
+        "--total-steps", type=positive_int, default=500_000, help="environment steps of training"
+    )
+    g.add_argument(
+        "--obs",
+        default="pixels",
+        choices=["pixels", "state"],
+        help="pixels: SAC+AE from images; state: SAC on proprioceptive states, no "
+        "encoder or decoder (the paper's upper baseline, SAC:state)",
+    )
+    g.add_argument(
+        "--decoder",
+        default=None,
+        choices=["pixel", "vae", "none"],
+        help="pixel: deterministic regularized autoencoder (SAC+AE); vae: beta-VAE with a "
+        "stochastic encoder head (Sec. 4); none: no reconstruction (SAC:pixel, the lower "
+        "baseline) [default: pixel with --obs pixels]",
+    )
+    g.add_argument(
+        "--device",
+        type=device_name,
+        default="auto",
+        help="auto, cpu, cuda or cuda:N; auto picks cuda when available. Rendering (EGL) "
+        "runs on the same GPU unless MUJOCO_EGL_DEVICE_ID says otherwise",
+    )
+    g.add_argument(
+        "--out-dir",
+        default=None,
+        help="run folder, must be new or empty [default: runs/{domain}-{task}-s{seed}-{timestamp}]",
+    )
+    g.add_argument(
+        "--resume",
+        default=None,
+        metavar="RUN_DIR",
+        help="continue that run from its latest checkpoint, with its saved configuration; only "
+        + ", ".join("--" + k.replace("_", "-") for k in sorted(RESUMABLE))
+        + " may be given with it",
+    )
+    g.add_argument(
+        "--checkpoint-freq",
+        type=positive_int,
+        default=None,
+        help="environment steps between checkpoints [default: --eval-freq]",
+    )
+    g.add_argument(
+        "--keep-checkpoints",
+        type=nonnegative_int,
+        default=1,
+        help="older checkpoints kept besides the latest",
+    )
+    g = p.add_argument_group("environment")
+    g.add_argument(
+        "--action-repeat",
+        type=positive_int,
+        default=None,
+        help="times each action is applied [default: per domain, PlaNet's: "
+        + ", ".join(f"{k} {v}" for k, v in ACTION_REPEAT.items())
+        + f"; else {DEFAULT_REPEAT}]",
+    )
+    g.add_argument(
+        "--frame-stack",
+        type=positive_int,
+        default=None,
+        help="consecutive observations stacked [default: 3 for pixels, 1 for states]",
+    )
+    g.add_argument(
+        "--image-size",
+        type=positive_int,
+        default=84,
+        help="rendered frames are square, this many pixels",
+    )
+    g = p.add_argument_group("replay and schedule")
+    g.add_argument(
+        "--buffer-size",
+        type=positive_int,
+        default=1_000_000,
+        help="replay capacity in transitions (capped at the run's agent steps)",
+    )
+    g.add_argument(
+        "--init-steps",
+        type=positive_int,
+        default=1000,
+        help="agent steps of uniform random actions before the first update",
+    )
+    g.add_argument(
+        "--init-updates",
+        type=positive_int,
+        default=None,
+        help="updates run at once when --init-steps is reached, then one per agent step "
+        "[default: --init-steps, as the authors' code]",
+    )
+    g.add_argument("--batch-size", type=positive_int, default=128, help="transitions per update")
+    g.add_argument(
+        "--eval-freq",
+        type=positive_int,
+        default=10_000,
+        help="environment steps between evaluations",
+    )
+    g.add_argument("--eval-episodes", type=positive_int, default=10, help="episodes per evaluation")
+    g.add_argument(
+        "--save-video",
+        action="store_true",
+        help="mp4 of the first episode of each evaluation in RUN_DIR/video",
+    )
+    g = p.add_argument_group("speed")
+    g.add_argument(
+        "--precision",
+        default="fp32",
+        choices=["fp32", "bf16"],
+        help="bf16: autocast the conv and MLP work to bfloat16 (fast on GPUs and CPUs with "
+        "bf16 units, slow elsewhere); losses and optimizer state stay float32",
+    )
+    g.add_argument(
+        "--compile",
+        action="store_true",
+        help="torch.compile the networks (CUDA graphs on GPU); costs minutes of compilation first",
+    )
+    g.add_argument(
+        "--benchmark",
+        action="store_true",
+        help="no training: time updates on a replay buffer of random frames and environment "
+        "steps, print a table and a final `benchmark ...` line",
+    )
+    g.add_argument(
+        "--plot",
+        nargs="+",
+        default=None,
+        metavar="EVAL_CSV",
+        help="no training: draw each eval.csv as learning_curve.png beside it (needs matplotlib)",
+    )
+    g.add_argument(
+        "--bench-updates",
+        type=positive_int,
+        default=20,
+        help="updates timed by --benchmark after warm-up (even: actor and targets keep their rate)",
+    )
+    g = p.add_argument_group("SAC")
+    g.add_argument("--gamma", type=unit_float, default=0.99, help="discount")
+    g.add_argument(
+        "--critic-lr",
+        type=positive_float,
+        default=1e-3,
+        help="Adam lr of the critic (and its encoder)",
+    )
+    g.add_argument("--critic-beta", type=unit_float, default=0.9, help="Adam beta1 of the critic")
+    g.add_argument(
+        "--critic-tau", type=unit_float, default=0.01, help="soft target update rate of the Q heads"
+    )
+    g.add_argument(
+        "--encoder-tau",
+        type=unit_float,
+        default=0.05,
+        help="soft target update rate of the target encoder",
+    )
+    g.add_argument(
+        "--target-update-freq",
+        type=positive_int,
+        default=2,
+        help="soft target update on agent steps divisible by N (the initial burst shares one step)",
+    )
+    g.add_argument("--actor-lr", type=positive_float, default=1e-3, help="Adam lr of the actor")
+    g.add_argument("--actor-beta", type=unit_float, default=0.9, help="Adam beta1 of the actor")
+    g.add_argument(
+        "--actor-update-freq",
+        type=positive_int,
+        default=2,
+        help="actor and temperature step on agent steps divisible by N (the burst shares one step)",
+    )
+    g.add_argument(
+        "--actor-log-std-min",
+        type=finite_float,
+        default=-10.0,
+        help="lower bound of the policy's log std",
+    )
+    g.add_argument(
+        "--actor-log-std-max",
+        type=finite_float,
+        default=2.0,
+        help="upper bound of the policy's log std",
+    )
+    g.add_argument("--init-temperature", type=positive_float, default=0.1, help="initial alpha")
+    g.add_argument("--alpha-lr", type=positive_float, default=1e-4, help="Adam lr of log alpha")
+    g.add_argument("--alpha-beta", type=unit_float, default=0.5, help="Adam beta1 of log alpha")
+    g.add_argument(
+        "--hidden-dim", type=positive_int, default=1024, help="width of the actor and Q MLPs"
+    )
+    g = p.add_argument_group("encoder and autoencoder")
+    g.add_argument("--feature-dim", type=positive_int, default=50, help="latent size z")
+    g.add_argument(
+        "--num-filters", type=positive_int, default=32, help="channels of every conv layer"
+    )
+    g.add_argument(
+        "--num-conv-layers",
+        type=positive_int,
+        default=4,
+        help="conv layers of the encoder (and decoder)",
+    )
+    g.add_argument(
+        "--encoder-lr",
+        type=positive_float,
+        default=1e-3,
+        help="Adam lr of the encoder's reconstruction step",
+    )
+    g.add_argument("--decoder-lr", type=positive_float, default=1e-3, help="Adam lr of the decoder")
+    g.add_argument(
+        "--decoder-weight-decay",
+        type=nonnegative_float,
+        default=1e-7,
+        help="L2 penalty on decoder weights (RAE)",
+    )
+    g.add_argument(
+        "--decoder-latent-lambda",
+        type=nonnegative_float,
+        default=1e-6,
+        help="weight of the latent penalty 0.5||z||^2 (RAE)",
+    )
+    g.add_argument(
+        "--ae-update-freq",
+        type=positive_int,
+        default=1,
+        help="autoencoder step on agent steps divisible by N (the initial burst shares one step)",
+    )
+    g.add_argument(
+        "--ae-bits", type=bits_int, default=5, help="bit depth of the reconstruction target, 1 to 8"
+    )
+    g.add_argument(
+        "--ae-grad",
+        default="end-to-end",
+        choices=["end-to-end", "separate"],
+        help="end-to-end: the critic's gradient also trains the encoder (SAC+AE, Sec. 4.4/5); "
+        "separate: only the reconstruction loss does, RL heads read a detached latent (Sec. 4.3)",
+    )
+    g.add_argument(
+        "--vae-beta",
+        type=nonnegative_float,
+        default=1e-4,
+        help="weight of the KL term with --decoder vae (ours: the paper's is in its appendix)",
+    )
+    g.add_argument(
+        "--load-encoder",
+        default=None,
+        metavar="PATH",
+        help="initialise the encoder and both latent heads from a run folder (its model.pt) or a "
+        "model.pt / checkpoint file (transfer, Fig. 7)",
+    )
+    g.add_argument(
+        "--freeze-encoder",
+        action="store_true",
+        help="with --load-encoder: keep the loaded encoder and both latent heads fixed",
+    )
+    return p
+
+
+# Flags that may accompany --resume: none of them changes what the run computes.
+RESUMABLE = {"total_steps", "device", "checkpoint_freq", "keep_checkpoints", "save_video"}
+# Flags that pick what the script does rather than configure a run: never part of a run's config.
+MODES = {"resume", "out_dir", "benchmark", "bench_updates", "plot"}
+
+
+def parse_args(argv=None):
+    """Parse and validate everything that can be checked without building anything."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        if args.plot:
+            for path in args.plot:
+                read_eval_csv(path)  # refuse a missing, empty or foreign file before drawing any
+            return args
+        if args.resume:
+            if args.benchmark:
+                raise UsageError("--benchmark cannot be combined with --resume (it trains nothing)")
+            args = resume_args(parser, argv, args.resume)
+        else:
+            check_device(args.device)
+            render_on_training_gpu(args.device)  # before resolve_args imports dm_control
+            resolve_args(args)
+    except UsageError as e:
+        parser.error(str(e))
+    return args
+
+
+def resume_args(parser, argv, run_dir):
+    """The run's saved configuration, with the few flags that may change on resume applied."""
+    dests = vars(parser.parse_args([]))
+    parser.set_defaults(**{k: None for k in dests})  # so that only the flags typed are not None
+    given = {
+        k: v for k, v in vars(parser.parse_args(argv)).items() if v is not None and k not in MODES
+    }
+    refused = sorted(set(given) - RESUMABLE)
+    if refused:
+        raise UsageError(
+            f"--{refused[0].replace('_', '-')} cannot be given with --resume (the run keeps its "
+            f"configuration); allowed: "
+            + ", ".join("--" + k.replace("_", "-") for k in sorted(RESUMABLE))
+        )
+    if not os.path.isdir(run_dir):
+        raise UsageError(f"--resume {run_dir}: no such folder")
+    try:
+        with open(os.path.join(run_dir, "config.json")) as f:
+            config = json.load(f)
+    except (OSError, ValueError) as e:
+        raise UsageError(
+            f"--resume {run_dir}: no readable config.json, so not a run folder "
+            f"({e.__class__.__name__})"
+        ) from None
+    missing = sorted(set(dests) - MODES - set(config))
+    if missing:
+        raise UsageError(
+            f"--resume {run_dir}: config.json lacks {missing[0]}; was it written by another "
+            "version of sac_ae.py?"
+        )
+    args = argparse.Namespace(**{k: config[k] for k in dests if k not in MODES})
+    vars(args).update(given)
+    args.resume, args.out_dir, args.benchmark, args.plot, args.bench_updates = (
+        run_dir,
+        run_dir,
+        False,
+        None,
+        0,
+    )
+    check_device(args.device)
+    render_on_training_gpu(args.device)
+    if latest_checkpoint(run_dir) is None:
+        raise UsageError(
+            f"--resume {run_dir}: no checkpoint in {os.path.join(run_dir, 'checkpoints')}"
+        )
+    return args
+
+
+def check_device(name):
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise UsageError(f"--device {name} but CUDA is not available; valid here: auto, cpu")
+        index = int(name.partition(":")[2] or 0)
+        if index >= torch.cuda.device_count():
+            raise UsageError(
+                f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) are visible"
+            )
+
+
+def resolve_args(args):
+    """Fill the per-task defaults and refuse inconsistent input (raises UsageError)."""
+    suite = load_suite()
+    domains = sorted({d for d, _ in suite.ALL_TASKS})
+    if args.domain not in domains:
+        raise UsageError(f"unknown domain '{args.domain}'; valid domains: {', '.join(domains)}")
+    tasks = sorted(t for d, t in suite.ALL_TASKS if d == args.domain)
+    if args.task not in tasks:
+        raise UsageError(
+            f"unknown task '{args.task}' for domain {args.domain}; valid tasks: {', '.join(tasks)}"
+        )
+    if args.obs == "state" and args.decoder in ("pixel", "vae"):
+        raise UsageError(
+            f"--decoder {args.decoder} needs --obs pixels (with --obs state there is no image "
+            "to reconstruct)"
+        )
+    if args.obs == "state" and (args.load_encoder or args.freeze_encoder):
+        raise UsageError(
+            "--load-encoder and --freeze-encoder need --obs pixels (states have no encoder)"
+        )
+    if args.freeze_encoder and not args.load_encoder:
+        raise UsageError(
+            "--freeze-encoder needs --load-encoder PATH (a random encoder would stay random)"
+        )
+    if args.load_encoder and not os.path.exists(args.load_encoder):
+        raise UsageError(f"--load-encoder {args.load_encoder}: no such file or folder")
+    if args.load_encoder:
+        args.load_encoder = os.path.abspath(args.load_encoder)
+    args.decoder = args.decoder or ("pixel" if args.obs == "pixels" else "none")
+    if args.ae_grad == "separate" and args.decoder == "none":
+        raise UsageError(
+            "--ae-grad separate needs a decoder (pixel or vae): without one the encoder would "
+            "never learn"
+        )
+    args.action_repeat = args.action_repeat or ACTION_REPEAT.get(args.domain, DEFAULT_REPEAT)
+    args.frame_stack = args.frame_stack or (3 if args.obs == "pixels" else 1)
+    args.init_updates = args.init_updates or args.init_steps
+    args.checkpoint_freq = args.checkpoint_freq or args.eval_freq
+    args.buffer_size = min(
+        args.buffer_size, math.ceil(args.total_steps / args.action_repeat)
+    )  # no unused memory
+    if args.benchmark and args.bench_updates % 2:
+        raise UsageError(
+            "--bench-updates must be even (actor and targets move every 2nd update), got "
+            f"{args.bench_updates}"
+        )
+    if args.actor_log_std_min >= args.actor_log_std_max:
+        raise UsageError("--actor-log-std-min must be below --actor-log-std-max")
+    if args.obs == "pixels" and conv_output_size(args.image_size, args.num_conv_layers) < 1:
+        smallest = 4 * args.num_conv_layers - 1
+        raise UsageError(
+            f"--image-size {args.image_size} is too small for {args.num_conv_layers} conv layers "
+            f"(3x3, the first with stride 2): use at least {smallest}"
+        )
+    if args.benchmark:
+        return args  # writes nothing: no run folder
+    if args.out_dir is None:
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        args.out_dir = os.path.join("runs", f"{args.domain}-{args.task}-s{args.seed}-{stamp}")
+    check_out_dir(args.out_dir)
+    return args
+
+
+def check_out_dir(out_dir):
+    """A run folder must be new or empty, and creatable: refuse it now rather than after set-up."""
+    if not out_dir.strip():
+        raise UsageError("--out-dir is empty; give a folder name")
+    if os.path.isfile(out_dir):
+        raise UsageError(f"--out-dir {out_dir} is a file; give a new folder")
+    if os.path.isdir(out_dir) and os.listdir(out_dir):
+        raise UsageError(f"--out-dir {out_dir} already exists and is not empty; give a new folder")
+    parent = os.path.abspath(out_dir)
+    while not os.path.exists(parent):  # the nearest part of the path that exists
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        raise UsageError(
+            f"--out-dir {out_dir}: {parent} is a file, so no folder can be made under it"
+        )
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise UsageError(
+            f"--out-dir {out_dir}: cannot write in {parent} (read-only filesystem or no permission)"
+        )
+
+
+# ##################################################################################################
+# Tooling below: checkpoints and resume, --benchmark, --plot, main(). SAC+AE is all above.
+# ##################################################################################################
+
+
+# =========================================================================== checkpoints and resume
 class NonFiniteError(RuntimeError):
     """A loss, action or parameter became NaN or inf."""
 
@@ -1131,6 +1949,9 @@ def zip_damage(path):
     return f"CRC mismatch in {bad}" if bad else None
 
 
+CHECKPOINT_FORMAT = 2  # 2: networks saved as encoder, actor, critic, their targets, decoder
+
+
 def maths_config(args):
     """The flags a checkpoint must agree on: all but those that do not change what is computed."""
     return {k: v for k, v in sorted(vars(args).items()) if k not in RESUMABLE | MODES}
@@ -1139,7 +1960,10 @@ def maths_config(args):
 def checkpoints(run_dir):
     """[(env_step, replay_slots, path)] of the complete checkpoints of a run, oldest first."""
     folder = os.path.join(run_dir, "checkpoints")
-    found = [re.fullmatch(r"ckpt_(\d+)_(\d+)\.pt", name) for name in (os.listdir(folder) if os.path.isdir(folder) else [])]
+    found = [
+        re.fullmatch(r"ckpt_(\d+)_(\d+)\.pt", name)
+        for name in (os.listdir(folder) if os.path.isdir(folder) else [])
+    ]
     return sorted((int(m[1]), int(m[2]), os.path.join(folder, m[0])) for m in found if m)
 
 
@@ -1149,8 +1973,13 @@ def latest_checkpoint(run_dir):
 
 
 def rng_states(action_rng, buffer, device):
-    states = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
-              "actions": action_rng.bit_generator.state, "replay": buffer.rng.bit_generator.state}
+    states = {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+        "actions": action_rng.bit_generator.state,
+        "replay": buffer.rng.bit_generator.state,
+    }
     if device.type == "cuda":
         states["cuda"] = torch.cuda.get_rng_state(device)
     return states
@@ -1160,8 +1989,13 @@ def set_rng_states(states, action_rng, buffer, device):
     random.setstate(states["python"])
     np.random.set_state(states["numpy"])
     torch.set_rng_state(states["torch"])
-    action_rng.bit_generator.state, buffer.rng.bit_generator.state = states["actions"], states["replay"]
-    if "cuda" in states and device.type == "cuda":  # a run moved from CPU to GPU starts its CUDA stream fresh
+    action_rng.bit_generator.state, buffer.rng.bit_generator.state = (
+        states["actions"],
+        states["replay"],
+    )
+    if (
+        "cuda" in states and device.type == "cuda"
+    ):  # a run moved from CPU to GPU starts its CUDA stream fresh
         torch.cuda.set_rng_state(states["cuda"], device)
 
 
@@ -1181,18 +2015,28 @@ def save_checkpoint(run_dir, args, loop, agent, buffer, env, eval_env, action_rn
     os.makedirs(folder, exist_ok=True)
     buffer.save_chunk(folder, loop["replay_saved"])
     loop["replay_saved"] = buffer.t
-    payload = {"format": 1, "config": maths_config(args), "loop": {**loop, "episode_metrics": [
-                   (s, {k: v.cpu() for k, v in m.items()}) for s, m in loop["episode_metrics"]]},
-               "agent": agent.state_dict(), "rng": rng_states(action_rng, buffer, agent.device),
-               "env": env.state_dict(), "eval_env": eval_env.state_dict(),
-               "csv_bytes": {name: log.file.tell() for name, log in logs.items()}}
+    payload = {
+        "format": CHECKPOINT_FORMAT,
+        "config": maths_config(args),
+        "loop": {
+            **loop,
+            "episode_metrics": [
+                (s, {k: v.cpu() for k, v in m.items()}) for s, m in loop["episode_metrics"]
+            ],
+        },
+        "agent": agent.state_dict(),
+        "rng": rng_states(action_rng, buffer, agent.device),
+        "env": env.state_dict(),
+        "eval_env": eval_env.state_dict(),
+        "csv_bytes": {name: log.file.tell() for name, log in logs.items()},
+    }
     path = os.path.join(folder, f"ckpt_{loop['env_step']:010d}_{buffer.t:012d}.pt")
     with atomic_write(path) as f:
         torch.save(payload, f)
     kept = checkpoints(run_dir)
-    for _, _, old in kept[:-(args.keep_checkpoints + 1)]:
+    for _, _, old in kept[: -(args.keep_checkpoints + 1)]:
         os.remove(old)
-    oldest_slots = kept[-(args.keep_checkpoints + 1):][0][1]
+    oldest_slots = kept[-(args.keep_checkpoints + 1) :][0][1]
     for _, end, chunk in replay_chunks(folder):
         if end <= oldest_slots - buffer.size:  # overwritten in the ring of every kept checkpoint
             os.remove(chunk)
@@ -1200,27 +2044,50 @@ def save_checkpoint(run_dir, args, loop, agent, buffer, env, eval_env, action_rn
 
 
 def load_checkpoint(run_dir, args, agent, buffer, env, eval_env, action_rng, device):
-    """Restore everything save_checkpoint wrote; refuse unreadable or foreign checkpoints (UsageError)."""
+    """Restore what save_checkpoint wrote; refuse unreadable or foreign checkpoints (UsageError)."""
     found = checkpoints(run_dir)
-    step, slots, path = found[-1]
+    _, slots, path = found[-1]
     older = ", ".join(os.path.basename(p) for _, _, p in found[:-1]) or "none"
     try:
         damaged = zip_damage(path)
         if damaged:
             raise ValueError(damaged)
-        payload = torch.load(path, map_location="cpu", weights_only=False)  # our own file: numpy states inside
+        payload = torch.load(
+            path, map_location="cpu", weights_only=False
+        )  # our own file: numpy states inside
         loop = payload["loop"]
     except Exception as e:
-        raise UsageError(f"checkpoint {path} is unreadable ({str(e).splitlines()[0][:100]}: truncated or corrupt); "
-                         f"older checkpoints: {older}; move it aside to resume from an older one") from None
-    if payload.get("format") != 1 or payload.get("config") != maths_config(args):
+        raise UsageError(
+            f"checkpoint {path} is unreadable ({str(e).splitlines()[0][:100]}: truncated or "
+            "corrupt); "
+            f"older checkpoints: {older}; move it aside to resume from an older one"
+        ) from None
+    if payload.get("format") != CHECKPOINT_FORMAT:
+        raise UsageError(
+            f"checkpoint {path} was written by another version of sac_ae.py (format "
+            f"{payload.get('format')}, this one reads {CHECKPOINT_FORMAT}); it cannot continue "
+            "this run"
+        )
+    if payload.get("config") != maths_config(args):
         theirs = payload.get("config") or {}
-        diff = sorted(k for k in set(theirs) | set(maths_config(args)) if theirs.get(k) != maths_config(args).get(k))
-        raise UsageError(f"checkpoint {path} was written by an incompatible configuration "
-                         f"(differs in {', '.join(diff[:3]) or 'format'}); it cannot continue this run")
+        diff = sorted(
+            k
+            for k in set(theirs) | set(maths_config(args))
+            if theirs.get(k) != maths_config(args).get(k)
+        )
+        raise UsageError(
+            f"checkpoint {path} was written by an incompatible configuration "
+            f"(differs in {', '.join(diff[:3]) or 'format'}); it cannot continue this run"
+        )
     for name, size in payload["csv_bytes"].items():
-        if not os.path.isfile(os.path.join(run_dir, name)) or os.path.getsize(os.path.join(run_dir, name)) < size:
-            raise UsageError(f"{os.path.join(run_dir, name)} is shorter than checkpoint {path} recorded; the run folder is damaged")
+        if (
+            not os.path.isfile(os.path.join(run_dir, name))
+            or os.path.getsize(os.path.join(run_dir, name)) < size
+        ):
+            raise UsageError(
+                f"{os.path.join(run_dir, name)} is shorter than checkpoint {path} recorded; the "
+                "run folder is damaged"
+            )
     # Accepted: from here on the run folder is rewound to the checkpoint.
     agent.load_state_dict(payload["agent"])
     buffer.load_chunks(os.path.join(run_dir, "checkpoints"), slots)
@@ -1233,413 +2100,76 @@ def load_checkpoint(run_dir, args, agent, buffer, env, eval_env, action_rng, dev
     for start, end, chunk in replay_chunks(os.path.join(run_dir, "checkpoints")):
         if end > slots:  # written after this checkpoint by the run that stopped
             os.remove(chunk)
-    loop["episode_metrics"] = [(s, {k: v.to(device) for k, v in m.items()}) for s, m in loop["episode_metrics"]]
-    loop.setdefault("pending_action", None)  # checkpoints from before the burst could be interrupted
+    loop["episode_metrics"] = [
+        (s, {k: v.to(device) for k, v in m.items()}) for s, m in loop["episode_metrics"]
+    ]
+    loop.setdefault(
+        "pending_action", None
+    )  # checkpoints from before the burst could be interrupted
     loop.setdefault("updates_due", 0)
     return loop, path
 
 
 def export_model(run_dir, args, agent):
     """RUN_DIR/model.pt: the trained networks alone, for torch.load(..., weights_only=True)."""
-    weights = {k: m.state_dict() for k, m in agent.modules().items()}
+    weights = {k: m.state_dict() for k, m in agent.networks().items()}
     with atomic_write(os.path.join(run_dir, "model.pt")) as f:
-        torch.save({**weights, "log_alpha": agent.log_alpha.detach().cpu(), "config": maths_config(args)}, f)
+        torch.save(
+            {**weights, "log_alpha": agent.log_alpha.detach().cpu(), "config": maths_config(args)},
+            f,
+        )
 
 
-# ============================================================================ training loop
-def pick_device(name):
-    """torch.device for --device, and the GPU numerics: true float32 (TF32 off, as the authors'
-    pre-Ampere GPUs computed; --precision bf16 is the fast mode) and cuDNN's autotuner, which picks
-    the fastest kernels for the fixed shapes (so runs on a GPU are not bit-identical, see README)."""
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(name)
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = False
-        torch.backends.cudnn.allow_tf32 = False
-        torch.backends.cudnn.benchmark = True
-    return device
-
-
-def render_on_training_gpu(device_name):
-    """Point dm_control's EGL at the GPU that trains. MUJOCO_EGL_DEVICE_ID numbers all GPUs, while
-    cuda:N numbers those in CUDA_VISIBLE_DEVICES; a value the user set is left alone."""
-    if os.environ.get("MUJOCO_GL") != "egl" or "MUJOCO_EGL_DEVICE_ID" in os.environ:
-        return
-    if device_name == "cpu" or not torch.cuda.is_available():
-        return
-    index = int(device_name.partition(":")[2] or 0)
-    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-    if visible is None and torch.cuda.device_count() == 1:
-        return  # one GPU: EGL finds it by itself
-    if visible is not None:
-        ids = [v.strip() for v in visible.split(",")]
-        if index >= len(ids) or not ids[index].isdigit():
-            return  # GPU UUIDs or MIG names: no EGL index to give, EGL picks its first device
-        index = int(ids[index])
-    os.environ["MUJOCO_EGL_DEVICE_ID"] = str(index)
-
-
-def seed_everything(seed):
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
-def versions():
-    import importlib.metadata as md
-    out = {"python": sys.version.split()[0], "torch": torch.__version__, "numpy": np.__version__}
-    for pkg in ("dm_control", "mujoco"):
-        try:
-            out[pkg] = md.version(pkg)
-        except md.PackageNotFoundError:
-            out[pkg] = None
-    return out
-
-
-def time_one_update(agent, obs_shape, action_dim, batch_size, device):
-    """Seconds per update, measured on a throwaway copy of the agent (the run's RNG is untouched)."""
-    probe = copy.deepcopy(agent)
-    probe.args = argparse.Namespace(**{**vars(agent.args), "compile": False})  # eager: no compile wait
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        obs = torch.zeros((batch_size, *obs_shape), dtype=torch.uint8 if len(obs_shape) == 3 else torch.float32,
-                          device=device)
-        batch = (obs, torch.zeros(batch_size, action_dim, device=device), torch.zeros(batch_size, 1, device=device),
-                 obs, torch.ones(batch_size, 1, device=device))
-        times = []
-        for step in range(4):  # the first includes one-off setup; even and odd steps differ
-            start = time.perf_counter()
-            probe.update(batch, step)
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            times.append(time.perf_counter() - start)
-    return sum(times[2:]) / 2
-
-
-def time_env_steps(args, env_kwargs, steps=5):
-    """Seconds per environment step (physics and rendering), on a throwaway copy of the task."""
-    env = DMCEnv(args.domain, args.task, args.seed, **env_kwargs)
-    env.reset()
-    start, done = time.perf_counter(), 0
-    for _ in range(steps):
-        done += env.step(np.zeros(env.action_dim))[4]
-    return (time.perf_counter() - start) / done
-
-
-def episode_means(episode_metrics):
-    """Mean of each metric over the episode's updates; one host sync per metric, per episode.
-    Raises NonFiniteError naming the first NaN or inf loss and the agent step it appeared at."""
-    means = {}
-    for key in METRICS:
-        steps = [s for s, m in episode_metrics if key in m]
-        if steps:
-            values = torch.stack([m[key] for _, m in episode_metrics if key in m]).cpu()
-            bad = (~torch.isfinite(values)).nonzero()
-            if len(bad):
-                i = int(bad[0])
-                raise NonFiniteError(f"{key} became {values[i].item()} at agent step {steps[i]}")
-            means[key] = values.mean().item()
-    return means
-
-
-def updates_left(agent_step, total_agent_steps, init_steps, init_updates):
-    """Updates still to run at agent steps agent_step, agent_step + 1, ...: none before init_steps,
-    init_updates at it (the authors' burst), then one per agent step."""
-    left = max(0, total_agent_steps - max(agent_step, init_steps))
-    if agent_step <= init_steps < total_agent_steps:
-        left += init_updates - 1
-    return left
-
-
-class Clock:
-    """Seconds and environment steps of one kind of work (training or evaluation), for fps and ETA."""
-
-    def __init__(self):
-        self.seconds, self.steps = 0.0, 0
-
-    def add(self, seconds, steps):
-        self.seconds, self.steps = self.seconds + seconds, self.steps + steps
-
-    @property
-    def fps(self):
-        return self.steps / self.seconds if self.seconds > 0 else float("nan")
-
-
-def train(args):
-    device = pick_device(args.device)
-    stop = {}  # the signals received: the first asks for a checkpoint, a second to leave at once
-    critical = []  # non-empty while a checkpoint or model.pt is being written: a second signal waits
-
-    def on_signal(signum, frame):
-        if stop and not critical:
-            raise Interrupted(signum)
-        if stop:
-            stop["again"] = signum
-            return
-        stop["signum"] = signum
-        print(f"[signal] {signal.Signals(signum).name}: finishing this update or step, then writing a "
-              "checkpoint (send it again to quit without one)", flush=True)
-
-    handlers = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        return train_loop(args, device, stop, critical)
-    finally:
-        for s, h in handlers.items():
-            signal.signal(s, h)
-
-
-@contextlib.contextmanager
-def signals_held(stop, critical):
-    """Finish what is in the block even if a second signal arrives meanwhile; act on it after."""
-    critical.append(True)
-    try:
-        yield
-    finally:
-        critical.pop()
-    if "again" in stop:
-        raise Interrupted(stop["again"])
-
-
-def train_loop(args, device, stop, critical):
-    seed_everything(args.seed)
-    action_rng = np.random.default_rng(args.seed)  # the uniform actions of the first --init-steps
-    env_kwargs = dict(obs=args.obs, image_size=args.image_size, frame_stack=args.frame_stack,
-                      action_repeat=args.action_repeat)
-    env = DMCEnv(args.domain, args.task, args.seed, **env_kwargs)
-    eval_env = DMCEnv(args.domain, args.task, args.seed + EVAL_SEED_OFFSET, **env_kwargs)
-    obs = env.reset()  # renders once: a GL failure shows here, before the run folder exists
-    repeat = args.action_repeat
-    buffer = ReplayBuffer(env.frame_shape, np.uint8 if args.obs == "pixels" else np.float32, args.frame_stack,
-                          env.action_dim, args.buffer_size, env.episode_length, seed=args.seed, device=device)
-    agent = SACAE(env.obs_shape, env.action_dim, device, args)
-    run_dir = args.out_dir
-    logs = {}
-
-    if args.resume:
-        loop, path = load_checkpoint(run_dir, args, agent, buffer, env, eval_env, action_rng, device)
-        obs = env.observation()
-        with open(os.path.join(run_dir, "config.json")) as f:
-            config = json.load(f)
-        config.update({k: getattr(args, k) for k in RESUMABLE}, device_resolved=str(device))
-        with writing("config.json"), atomic_write(os.path.join(run_dir, "config.json")) as f:
-            f.write(json.dumps(config, indent=2).encode())  # the next --resume sees the same run
-        print(f"[resume] {run_dir} from {os.path.basename(path)}: env step {loop['env_step']}, "
-              f"agent step {loop['agent_step']}, {loop['updates']} updates"
-              + (f", {loop['updates_due']} of its burst still to run" if loop["updates_due"] else ""), flush=True)
-    else:
-        if args.load_encoder:
-            agent.load_encoder(args.load_encoder)
-        with writing("the run folder"):
-            os.makedirs(run_dir, exist_ok=True)
-            config = {**vars(args), "device_resolved": str(device), "episode_length_agent_steps": env.episode_length,
-                      "versions": versions()}
-            with atomic_write(os.path.join(run_dir, "config.json")) as f:
-                f.write(json.dumps(config, indent=2).encode())
-        loop = {"env_step": 0, "agent_step": 0, "episode": 0, "updates": 0, "next_eval": 0, "last_eval": -1,
-                "next_checkpoint": args.checkpoint_freq, "episode_return": 0.0, "episode_env_steps": 0,
-                "episode_metrics": [], "wall_time": 0.0, "replay_saved": 0,
-                "pending_action": None, "updates_due": 0}  # an agent step interrupted in its updates
-        buffer.add_first(obs)
-    L = loop
-    pixels = args.obs == "pixels"
-    with writing("the run folder's logs"):
-        if args.save_video:
-            os.makedirs(os.path.join(run_dir, "video"), exist_ok=True)
-        probe_fields = ["probe_r2"] + [f"probe_r2_{name}" for name, _ in eval_env.state_groups] if pixels else []
-        logs["eval.csv"] = CSVLog(os.path.join(run_dir, "eval.csv"), EVAL_FIELDS + probe_fields)
-        if agent.decoder is not None:
-            os.makedirs(os.path.join(run_dir, "recon"), exist_ok=True)
-        from torch.utils.tensorboard import SummaryWriter
-        # On resume, purge_step drops the events logged after the checkpoint, as the CSVs are cut back.
-        tb = SummaryWriter(os.path.join(run_dir, "tb"), purge_step=L["env_step"] + 1 if args.resume else None)
-        logs["train.csv"] = CSVLog(os.path.join(run_dir, "train.csv"), TRAIN_FIELDS)
-
-    print(f"[setup] {args.domain}-{args.task} seed {args.seed} | obs {args.obs} decoder {args.decoder} | "
-          f"action repeat {repeat}{'' if args.domain in ACTION_REPEAT else ' (default for unlisted domains)'} | "
-          f"device {device} | replay {args.buffer_size:,} transitions, {buffer.nbytes / 2**30:.2f} GiB "
-          f"({buffer.bytes_per_transition:,.0f} B each) | {run_dir}", flush=True)
-
-    # For the ETA: one update timed on a copy of the agent, then the loop's own measurements.
-    sec_update = time_one_update(agent, env.obs_shape, env.action_dim, args.batch_size, device)
-    sec_env = time_env_steps(args, env_kwargs)
-    total_agent_steps = math.ceil(args.total_steps / repeat)
-    # env_clock: acting and stepping the environment; episode_clock: all of a training episode's
-    # work (updates too), for its fps; eval_clock: evaluations. Only this process's work counts.
-    env_clock, eval_clock, episode_clock = Clock(), Clock(), Clock()
-
-    def eta():
-        """Seconds left: the updates still due, the environment steps, the evaluations."""
-        steps_left = max(0, total_agent_steps - L["agent_step"])
-        n_updates = L["updates_due"] + updates_left(L["agent_step"] + (L["pending_action"] is not None),
-                                                    total_agent_steps, args.init_steps, args.init_updates)
-        evals_left = len(range(L["next_eval"], args.total_steps, args.eval_freq)) + (L["last_eval"] != args.total_steps)
-        eval_steps = evals_left * args.eval_episodes * env.episode_length * repeat
-        sec_env_step = env_clock.seconds / env_clock.steps if env_clock.steps else sec_env
-        sec_eval_step = eval_clock.seconds / eval_clock.steps if eval_clock.steps else sec_env_step
-        return n_updates * sec_update + steps_left * repeat * sec_env_step + eval_steps * sec_eval_step
-
-    n_updates = updates_left(L["agent_step"], total_agent_steps, args.init_steps, args.init_updates) + L["updates_due"]
-    print(f"[eta] one update takes {sec_update * 1000:.0f} ms on {device}, one environment step "
-          f"{sec_env * 1000:.1f} ms: {n_updates:,} updates and "
-          f"{args.total_steps - L['env_step']:,} environment steps to go, about {duration(eta())}"
-          + (" -- a full pixel run is a GPU job" if device.type == "cpu" and n_updates * sec_update > 6 * 3600 else ""),
-          flush=True)
-    start = time.time() - L["wall_time"]
-
-    def run_eval():
-        step, began = L["env_step"], time.perf_counter()
-        video = os.path.join(run_dir, "video", f"eval_{step}.mp4") if args.save_video else None
-        agent.train(False)
-        returns, latents, states, sample = evaluate(eval_env, agent, args.eval_episodes, video, probe=pixels)
-        eval_clock.add(time.perf_counter() - began, args.eval_episodes * env.episode_length * repeat)
-        L["last_eval"] = step
-        L["next_eval"] = (step // args.eval_freq + 1) * args.eval_freq
-        row = {"env_step": step, "agent_step": L["agent_step"], "episode_return_mean": float(np.mean(returns)),
-               "episode_return_std": float(np.std(returns)), "episode_return_min": float(np.min(returns)),
-               "episode_return_max": float(np.max(returns)), "episodes": len(returns), "wall_time": time.time() - start}
-        with writing("eval.csv, TensorBoard events or a reconstruction image"):
-            if pixels:
-                row.update(linear_probe(latents, states, eval_env.state_groups))
-                tb.add_scalar("eval/probe_r2", row["probe_r2"], step)
-            if agent.decoder is not None and sample is not None:
-                picture = reconstruction_image(sample, agent.reconstruct(sample))
-                import imageio
-                imageio.imwrite(os.path.join(run_dir, "recon", f"eval_{step}.png"), picture)
-                tb.add_image("eval/reconstruction", picture, step, dataformats="HWC")
-            logs["eval.csv"].write(row)
-            tb.add_scalar("eval/return", row["episode_return_mean"], step)
-            tb.flush()
-        agent.train(True)
-        print(f"[eval] env_step {step} (agent {L['agent_step']}) | return {row['episode_return_mean']:.1f} "
-              f"+- {row['episode_return_std']:.1f} over {len(returns)} episodes"
-              + (f" | probe R^2 {row['probe_r2']:.2f}" if pixels else "")
-              + f" | fps {len(returns) * env.episode_length * repeat / max(time.perf_counter() - began, 1e-9):.0f}"
-              f" | eta {duration(eta())}", flush=True)
-
-    path = None
-    try:
-        while True:
-            finished = L["env_step"] >= args.total_steps
-            if L["env_step"] >= L["next_eval"] or (finished and L["last_eval"] != L["env_step"]):
-                run_eval()
-            if stop or finished or L["env_step"] >= L["next_checkpoint"]:
-                episode_means(L["episode_metrics"])  # raises before a poisoned checkpoint is written
-                L["next_checkpoint"] = (L["env_step"] // args.checkpoint_freq + 1) * args.checkpoint_freq
-                L["wall_time"] = time.time() - start
-                with signals_held(stop, critical), writing("a checkpoint"):
-                    tb.flush()
-                    path = save_checkpoint(run_dir, args, L, agent, buffer, env, eval_env, action_rng, logs)
-            if stop:
-                print(f"[stopped] checkpoint {path}; resume with: python {sys.argv[0]} --resume {run_dir}", flush=True)
-                return 128 + stop["signum"]
-            if finished:
-                break
-
-            began, updating = time.perf_counter(), 0.0
-            if L["pending_action"] is None:  # else a resumed step whose updates were interrupted
-                if L["agent_step"] < args.init_steps:
-                    L["pending_action"] = action_rng.uniform(-1.0, 1.0, env.action_dim).astype(np.float32)
-                else:
-                    L["pending_action"] = agent.act(obs)
-                    L["updates_due"] = args.init_updates if L["agent_step"] == args.init_steps else 1
-                    if L["updates_due"] > 1:
-                        print(f"[burst] {L['updates_due']} updates at agent step {L['agent_step']} (authors' "
-                              f"code), about {duration(L['updates_due'] * sec_update)}", flush=True)
-            while L["updates_due"] and not stop:  # a signal stops the burst within one update
-                t0 = time.perf_counter()
-                L["episode_metrics"].append((L["agent_step"], agent.update(buffer.sample(args.batch_size), L["agent_step"])))
-                L["updates_due"] -= 1
-                L["updates"] += 1
-                updating += time.perf_counter() - t0
-                sec_update = 0.9 * sec_update + 0.1 * (time.perf_counter() - t0)
-            if stop:
-                continue  # the top of the loop writes the checkpoint, the pending step included
-            obs, reward, discount, done, steps = env.step(L["pending_action"])
-            buffer.add(L["pending_action"], reward, discount, obs)
-            L["pending_action"] = None
-            L["agent_step"] += 1
-            L["env_step"] += steps
-            L["episode_env_steps"] += steps
-            L["episode_return"] += reward
-            episode_clock.add(time.perf_counter() - began, steps)
-            env_clock.add(time.perf_counter() - began - updating, steps)
-
-            if done or L["env_step"] >= args.total_steps:
-                # fps: environment steps per second of training (acting, updating, stepping) in this
-                # process; evaluations and checkpoints are not counted.
-                row = {"env_step": L["env_step"], "agent_step": L["agent_step"], "episode": L["episode"],
-                       "episode_return": L["episode_return"], "episode_length": L["episode_env_steps"],
-                       "updates": L["updates"], "fps": episode_clock.fps, "wall_time": time.time() - start,
-                       **episode_means(L["episode_metrics"])}
-                with writing("train.csv or TensorBoard events"):
-                    logs["train.csv"].write(row)
-                    for tag, key in TENSORBOARD_TAGS.items():
-                        if key in row:
-                            tb.add_scalar(tag, row[key], L["env_step"])
-                print(f"[train] env_step {L['env_step']} (agent {L['agent_step']}) | episode {L['episode']} | "
-                      f"return {L['episode_return']:.1f} | fps {episode_clock.fps:.1f} | eta {duration(eta())}",
-                      flush=True)
-                L.update(episode=L["episode"] + 1, episode_return=0.0, episode_env_steps=0, episode_metrics=[])
-                episode_clock = Clock()
-                if done:
-                    obs = env.reset()
-                    buffer.add_first(obs)
-    except NonFiniteError as e:
-        if "action" in str(e):  # name the loss that went first, if one did
-            try:
-                episode_means(L["episode_metrics"])
-            except NonFiniteError as first:
-                e = first
-        raise NonFiniteError(f"{e} (agent step {L['agent_step']}, env step {L['env_step']}); stopped without "
-                             f"writing a checkpoint; last good checkpoint: {latest_checkpoint(run_dir) or 'none yet'}") from None
-    except WriteError as e:
-        last = latest_checkpoint(run_dir)
-        raise WriteError(f"{e}; " + (f"the last complete checkpoint {last} is intact: free space, then resume with "
-                                     f"python {sys.argv[0]} --resume {run_dir}" if last else
-                                     "no checkpoint was written yet: free space and start the run again")) from None
-    finally:
-        for log in logs.values():
-            with contextlib.suppress(OSError):  # a full disk fails the close too; the error is already raised
-                log.close()
-        with contextlib.suppress(Exception):
-            tb.close()
-
-    with signals_held(stop, critical), writing("model.pt"):
-        export_model(run_dir, args, agent)
-    print(f"[done] {L['env_step']} environment steps in {duration(time.time() - start)}; weights in "
-          f"{os.path.join(run_dir, 'model.pt')}; run folder {run_dir}", flush=True)
-    return 0
-
-
-# ============================================================================ benchmark
+# ====================================================================================== --benchmark
 def peak_resident_bytes():
     """The process's peak resident memory (Linux reports kilobytes, macOS bytes)."""
     import resource
+
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak if sys.platform == "darwin" else peak * 1024
 
 
 def benchmark(args):
-    """Time updates on a buffer of random frames, and environment steps; print a table and one line."""
+    """Time updates on a buffer of random frames, and environment steps; print a table, a line."""
     device = pick_device(args.device)
     seed_everything(args.seed)
-    env = DMCEnv(args.domain, args.task, args.seed, obs=args.obs, image_size=args.image_size,
-                 frame_stack=args.frame_stack, action_repeat=args.action_repeat)
+    env = DMCEnv(
+        args.domain,
+        args.task,
+        args.seed,
+        obs=args.obs,
+        image_size=args.image_size,
+        frame_stack=args.frame_stack,
+        action_repeat=args.action_repeat,
+    )
     agent = SACAE(env.obs_shape, env.action_dim, device, args)
     capacity = min(args.buffer_size, 10 * env.episode_length)
     pixels = args.obs == "pixels"
-    buffer = ReplayBuffer(env.frame_shape, np.uint8 if pixels else np.float32, args.frame_stack, env.action_dim,
-                          capacity, env.episode_length, seed=args.seed, device=device)
+    buffer = ReplayBuffer(
+        env.frame_shape,
+        np.uint8 if pixels else np.float32,
+        args.frame_stack,
+        env.action_dim,
+        capacity,
+        env.episode_length,
+        seed=args.seed,
+        device=device,
+    )
     rng = np.random.default_rng(args.seed)
 
     def random_obs():
-        return (rng.integers(0, 256, env.obs_shape, dtype=np.uint8) if pixels
-                else rng.standard_normal(env.obs_shape).astype(np.float32))
+        return (
+            rng.integers(0, 256, env.obs_shape, dtype=np.uint8)
+            if pixels
+            else rng.standard_normal(env.obs_shape).astype(np.float32)
+        )
 
     for i in range(capacity):
         if i % env.episode_length == 0:
             buffer.add_first(random_obs())
-        buffer.add(rng.uniform(-1, 1, env.action_dim).astype(np.float32), rng.random(), 1.0, random_obs())
+        buffer.add(
+            rng.uniform(-1, 1, env.action_dim).astype(np.float32), rng.random(), 1.0, random_obs()
+        )
 
     def sync():
         if device.type == "cuda":
@@ -1669,28 +2199,50 @@ def benchmark(args):
             env.reset()
     env_sps = env_steps / (time.perf_counter() - start)
 
-    name = "cpu" if device.type == "cpu" else "cuda:" + torch.cuda.get_device_name(device).replace(" ", "_")
-    rows = [("task", f"{args.domain}-{args.task}, obs {args.obs}, decoder {args.decoder}, {args.image_size}px"),
-            ("device / precision", f"{name} / {args.precision}{' + compile' if args.compile else ''}"),
-            ("threads", str(torch.get_num_threads())),
-            ("batch", str(args.batch_size)),
-            ("ms per update (with sampling)", f"{ms_update:.1f}  over {args.bench_updates} updates"),
-            ("  of which sampling", f"{ms_sample:.1f}"),
-            ("updates per second", f"{1000 / ms_update:.2f}"),
-            ("env steps per second", f"{env_sps:.0f}  (action repeat {args.action_repeat}, rendering included)"),
-            ("replay bytes per transition", f"{buffer.bytes_per_transition:,.0f}"),
-            ("peak resident memory", f"{peak_resident_bytes() / 2**30:.2f} GiB")]
+    name = (
+        "cpu"
+        if device.type == "cpu"
+        else "cuda:" + torch.cuda.get_device_name(device).replace(" ", "_")
+    )
+    rows = [
+        (
+            "task",
+            f"{args.domain}-{args.task}, obs {args.obs}, decoder {args.decoder}, "
+            f"{args.image_size}px",
+        ),
+        ("device / precision", f"{name} / {args.precision}{' + compile' if args.compile else ''}"),
+        ("threads", str(torch.get_num_threads())),
+        ("batch", str(args.batch_size)),
+        ("ms per update (with sampling)", f"{ms_update:.1f}  over {args.bench_updates} updates"),
+        ("  of which sampling", f"{ms_sample:.1f}"),
+        ("updates per second", f"{1000 / ms_update:.2f}"),
+        (
+            "env steps per second",
+            f"{env_sps:.0f}  (action repeat {args.action_repeat}, rendering included)",
+        ),
+        ("replay bytes per transition", f"{buffer.bytes_per_transition:,.0f}"),
+        ("peak resident memory", f"{peak_resident_bytes() / 2**30:.2f} GiB"),
+    ]
     if device.type == "cuda":
-        rows.append(("peak CUDA memory", f"{torch.cuda.max_memory_allocated(device) / 2**30:.2f} GiB allocated, "
-                                         f"{torch.cuda.max_memory_reserved(device) / 2**30:.2f} GiB reserved"))
+        rows.append(
+            (
+                "peak CUDA memory",
+                f"{torch.cuda.max_memory_allocated(device) / 2**30:.2f} GiB allocated, "
+                f"{torch.cuda.max_memory_reserved(device) / 2**30:.2f} GiB reserved",
+            )
+        )
     width = max(len(k) for k, _ in rows)
     for k, v in rows:
         print(f"{k:<{width}}  {v}")
-    print(f"benchmark ms_per_update={ms_update:.3f} updates_per_s={1000 / ms_update:.3f} env_steps_per_s={env_sps:.1f} "
-          f"replay_bytes_per_transition={round(buffer.bytes_per_transition)} device={name} precision={args.precision}")
+    print(
+        f"benchmark ms_per_update={ms_update:.3f} updates_per_s={1000 / ms_update:.3f} "
+        f"env_steps_per_s={env_sps:.1f} "
+        f"replay_bytes_per_transition={round(buffer.bytes_per_transition)} device={name} "
+        f"precision={args.precision}"
+    )
 
 
-# ============================================================================ plots
+# =========================================================================================== --plot
 def read_eval_csv(path):
     """(env_step, mean, std) arrays of an eval.csv; UsageError if it is not one."""
     try:
@@ -1701,8 +2253,10 @@ def read_eval_csv(path):
     except OSError as e:
         raise UsageError(f"--plot {path}: cannot read it ({e.strerror})") from None
     except (KeyError, TypeError, ValueError, UnicodeDecodeError, csv.Error):
-        raise UsageError(f"--plot {path}: not an eval.csv written by sac_ae.py (needs the columns "
-                         "env_step, episode_return_mean, episode_return_std)") from None
+        raise UsageError(
+            f"--plot {path}: not an eval.csv written by sac_ae.py (needs the columns "
+            "env_step, episode_return_mean, episode_return_std)"
+        ) from None
     if not len(table):
         raise UsageError(f"--plot {path}: no evaluation rows yet")
     return table.T
@@ -1711,8 +2265,10 @@ def read_eval_csv(path):
 def plot(paths):
     """eval.csv -> learning_curve.png beside it: mean return with a +-1 std band over env steps."""
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
     for path in paths:
         x, y, s = read_eval_csv(path)
         folder = os.path.dirname(os.path.abspath(path))
@@ -1720,7 +2276,11 @@ def plot(paths):
         if os.path.isfile(os.path.join(folder, "config.json")):
             with open(os.path.join(folder, "config.json")) as f:
                 c = json.load(f)
-            mode = "SAC:state" if c["obs"] == "state" else {"pixel": "SAC+AE", "none": "SAC:pixel", "vae": "SAC+VAE"}[c["decoder"]]
+            mode = (
+                "SAC:state"
+                if c["obs"] == "state"
+                else {"pixel": "SAC+AE", "none": "SAC:pixel", "vae": "SAC+VAE"}[c["decoder"]]
+            )
             title = f"{c['domain']} {c['task']}, {mode}, seed {c['seed']}, batch {c['batch_size']}"
             title += f", {c['image_size']}px" if c["obs"] == "pixels" else ""
         fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
@@ -1736,10 +2296,12 @@ def plot(paths):
         print(f"[plot] {out}")
 
 
-# ============================================================================ main
+# ============================================================================================= main
 def out_of_memory(e):
     return isinstance(e, (MemoryError, torch.OutOfMemoryError)) or (
-        isinstance(e, RuntimeError) and ("can't allocate memory" in str(e) or "out of memory" in str(e)))
+        isinstance(e, RuntimeError)
+        and ("can't allocate memory" in str(e) or "out of memory" in str(e))
+    )
 
 
 def main(argv=None):
@@ -1757,21 +2319,38 @@ def main(argv=None):
         return 1
     except (KeyboardInterrupt, Interrupted) as e:
         signum = getattr(e, "signum", signal.SIGINT)
-        run_dir = getattr(args, "out_dir", None) if args is not None and not args.benchmark else None
+        run_dir = (
+            getattr(args, "out_dir", None) if args is not None and not args.benchmark else None
+        )
         last = latest_checkpoint(run_dir) if run_dir and os.path.isdir(run_dir) else None
         how = f"a second {signal.Signals(signum).name}" if isinstance(e, Interrupted) else "SIGINT"
-        print(f"sac_ae.py: interrupted ({how}): stopped without writing a "
-              "checkpoint; " + (f"resume from the last one with: python {sys.argv[0]} --resume {run_dir}" if last
-                                else "no checkpoint exists yet, so start the run again"), file=sys.stderr)
+        print(
+            f"sac_ae.py: interrupted ({how}): stopped without writing a "
+            "checkpoint; "
+            + (
+                f"resume from the last one with: python {sys.argv[0]} --resume {run_dir}"
+                if last
+                else "no checkpoint exists yet, so start the run again"
+            ),
+            file=sys.stderr,
+        )
         return 128 + signum
     except Exception as e:
         if out_of_memory(e):
-            print(f"sac_ae.py: error: out of memory ({str(e).splitlines()[0][:160]}); lower --hidden-dim, "
-                  "--batch-size, --image-size or --buffer-size", file=sys.stderr)
+            print(
+                f"sac_ae.py: error: out of memory ({str(e).splitlines()[0][:160]}); lower "
+                "--hidden-dim, "
+                "--batch-size, --image-size or --buffer-size",
+                file=sys.stderr,
+            )
             return 1
         if type(e).__name__ == "PhysicsError":  # dm_control's simulator diverged
-            print(f"sac_ae.py: error: the simulation became unstable ({e}); rerun with another --seed "
-                  "or a lower learning rate", file=sys.stderr)
+            print(
+                f"sac_ae.py: error: the simulation became unstable ({e}); rerun with another "
+                "--seed "
+                "or a lower learning rate",
+                file=sys.stderr,
+            )
             return 1
         raise
 

@@ -277,18 +277,19 @@ class SACAE:
     def update_step(self, obs, action, reward, next_obs, not_done, do_actor, do_targets, do_ae):
         pixels = obs  # (B, 9, 84, 84) uint8: the reconstruction target is made from these
         obs, next_obs = self.prepare(obs), self.prepare(next_obs)
-        metrics = self.update_critic(obs, action, reward, next_obs, not_done)
+        critic_metrics = self.update_critic(obs, action, reward, next_obs, not_done)
+        actor_metrics, ae_metrics = {}, {}
         if do_actor or do_ae:
             # Conv features after the critic step, read by the actor (detached, so its loss
             # never moves the convs: Sec. 5) and by the autoencoder (not detached).
             h = self.encoder(obs)
-            if do_actor:
-                metrics.update(self.update_actor_and_alpha(h.detach()))
+        if do_actor:
+            actor_metrics = self.update_actor_and_alpha(h.detach())
         if do_targets:
             self.update_targets()
         if do_ae:
-            metrics.update(self.update_autoencoder(pixels, h))
-        return metrics
+            ae_metrics = self.update_autoencoder(pixels, h)
+        return {**critic_metrics, **actor_metrics, **ae_metrics}
 
     def update_critic(self, obs, action, reward, next_obs, not_done):
         """Soft Bellman backup on clipped double Q; the critic's gradient trains the encoder."""
@@ -478,6 +479,8 @@ class SACAE:
             return self.compiled[key]
         # torch 2.13 on CPU sometimes crashes (SIGSEGV) pickling the backward graph into its
         # on-disk AOTAutograd cache, 1 compile in 3 here; without that cache it never did.
+        import torch._functorch.config
+
         torch._functorch.config.enable_autograd_cache = False
         self.compiled[key] = torch.compile(functools.partial(self.update_step, **parts))
 

@@ -1365,8 +1365,8 @@ def fixed_noise(monkeypatch, seed=0):
     def randn_like(t):
         return torch.randn(t.shape, generator=g).to(t.device, t.dtype)
 
-    def rand_like(t):
-        return TORCH_RAND(t.shape, generator=g).to(t.device, t.dtype)
+    def rand_like(t, dtype=None):
+        return TORCH_RAND(t.shape, generator=g).to(t.device, dtype or t.dtype)
 
     monkeypatch.setattr(torch, "randn_like", randn_like)
     monkeypatch.setattr(torch, "rand_like", rand_like)

@@ -1427,6 +1427,28 @@ def test_cuda_update_makes_no_host_sync():
             torch.cuda.set_sync_debug_mode(0)
 
 
+@pytest.mark.parametrize("visible,device,expected", [
+    ("2,3", "cuda:1", "3"),  # cuda:1 is the second visible GPU, physical GPU 3
+    (None, "cuda:2", "2"),
+    ("GPU-5f0e,GPU-77aa", "cuda:0", None),  # UUIDs: no index to give, EGL chooses
+    (None, "cpu", None),
+])  # fmt: skip
+def test_egl_renders_on_the_gpu_that_trains(monkeypatch, visible, device, expected):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    monkeypatch.setenv("MUJOCO_GL", "egl")
+    monkeypatch.delenv("MUJOCO_EGL_DEVICE_ID", raising=False)
+    if visible is None:
+        monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    else:
+        monkeypatch.setenv("CUDA_VISIBLE_DEVICES", visible)
+    sac_ae.render_on_training_gpu(device)
+    assert os.environ.get("MUJOCO_EGL_DEVICE_ID") == expected
+    monkeypatch.setenv("MUJOCO_EGL_DEVICE_ID", "1")  # the user's own choice wins
+    sac_ae.render_on_training_gpu(device)
+    assert os.environ["MUJOCO_EGL_DEVICE_ID"] == "1"
+
+
 CUDA_RUN = with_flag(with_flag(TINY_RUN, "--total-steps", "400"), "--device", "cuda")
 
 

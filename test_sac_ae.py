@@ -1013,41 +1013,46 @@ def test_resume_extends_a_finished_run_and_ignores_a_half_written_checkpoint(tmp
     assert json.loads((out / "config.json").read_text())["total_steps"] == 600
 
 
+def damaged_resume_is_refused(tmp_path, reference_run, capsys, damage):
+    """Damage the latest checkpoint of a copy of the reference run, resume: the one-line refusal,
+    the folder unchanged."""
+    out = tmp_path / "run"
+    shutil.copytree(reference_run, out)
+    latest = sorted((out / "checkpoints").glob("ckpt_*.pt"))[-1]
+    latest.write_bytes(damage(latest, latest.read_bytes()))
+    before = folder_digest(out)
+    assert exit_code(["--resume", str(out), "--total-steps", "2000"]) == 2
+    assert folder_digest(out) == before
+    return one_line_error(capsys)
+
+
 @slow
 def test_truncated_checkpoint_is_refused_and_the_folder_left_as_it_was(
     tmp_path, reference_run, capsys
 ):
-    out = tmp_path / "run"
-    shutil.copytree(reference_run, out)
-    latest = sorted((out / "checkpoints").glob("ckpt_*.pt"))[-1]
-    latest.write_bytes(latest.read_bytes()[: latest.stat().st_size // 2])
-    before = folder_digest(out)
-    assert exit_code(["--resume", str(out), "--total-steps", "2000"]) == 2
-    assert "unreadable" in one_line_error(capsys)
-    assert folder_digest(out) == before
+    line = damaged_resume_is_refused(tmp_path, reference_run, capsys, lambda _, b: b[: len(b) // 2])
+    assert "unreadable" in line
+
+
+def flip_a_tensor_byte(path, data):
+    """The file with one bit flipped in the middle of its largest tensor's data."""
+    import zipfile
+
+    with zipfile.ZipFile(path) as z:
+        member = max((i for i in z.infolist() if "/data/" in i.filename), key=lambda i: i.file_size)
+    data, header = bytearray(data), member.header_offset
+    name_len = int.from_bytes(data[header + 26 : header + 28], "little")
+    extra_len = int.from_bytes(data[header + 28 : header + 30], "little")
+    data[header + 30 + name_len + extra_len + member.file_size // 2] ^= 0x01
+    return bytes(data)
 
 
 @slow
 def test_checkpoint_with_a_flipped_byte_is_refused_and_changes_nothing(
     tmp_path, reference_run, capsys
 ):
-    import zipfile
-
-    out = tmp_path / "run"
-    shutil.copytree(reference_run, out)
-    latest = sorted((out / "checkpoints").glob("ckpt_*.pt"))[-1]
-    with zipfile.ZipFile(latest) as z:  # a byte in the middle of the largest tensor's data
-        member = max((i for i in z.infolist() if "/data/" in i.filename), key=lambda i: i.file_size)
-    data = bytearray(latest.read_bytes())
-    header = member.header_offset
-    name_len = int.from_bytes(data[header + 26 : header + 28], "little")
-    extra_len = int.from_bytes(data[header + 28 : header + 30], "little")
-    data[header + 30 + name_len + extra_len + member.file_size // 2] ^= 0x01
-    latest.write_bytes(bytes(data))
-    before = folder_digest(out)
-    assert exit_code(["--resume", str(out), "--total-steps", "2000"]) == 2
-    assert "CRC" in one_line_error(capsys)
-    assert folder_digest(out) == before
+    line = damaged_resume_is_refused(tmp_path, reference_run, capsys, flip_a_tensor_byte)
+    assert "CRC" in line
 
 
 @slow

@@ -101,9 +101,8 @@ class Actor(nn.Module):
     def forward(self, h):  # (B, 39200) conv features -> mean, log_std, each (B, A)
         mu, log_std = self.policy(self.head(h)).chunk(2, dim=-1)
         # tanh, then affine onto [log_std_min, log_std_max]: a soft clamp (authors' code).
-        log_std = self.log_std_min + 0.5 * (self.log_std_max - self.log_std_min) * (
-            log_std.tanh() + 1
-        )
+        lo, hi = self.log_std_min, self.log_std_max
+        log_std = lo + 0.5 * (hi - lo) * (log_std.tanh() + 1)
         return mu.float(), log_std.float()  # float32 even under bf16: log-probabilities need it
 
 
@@ -190,31 +189,15 @@ class SACAE:
         pixels = args.obs == "pixels"
         self.encoder = Encoder(obs_shape, args.num_filters, args.num_conv_layers, pixels)
         repr_dim = self.encoder.repr_dim
-        self.actor = Actor(
-            repr_dim,
-            args.feature_dim,
-            action_dim,
-            args.hidden_dim,
-            (args.actor_log_std_min, args.actor_log_std_max),
-            pixels,
-        )
-        self.critic = Critic(
-            repr_dim,
-            args.feature_dim,
-            action_dim,
-            args.hidden_dim,
-            pixels,
-            vae=args.decoder == "vae",
-        )
+        log_std_bounds = (args.actor_log_std_min, args.actor_log_std_max)
+        self.actor = Actor(repr_dim, args.feature_dim, action_dim, args.hidden_dim, log_std_bounds,
+                           pixels)  # fmt: skip
+        self.critic = Critic(repr_dim, args.feature_dim, action_dim, args.hidden_dim, pixels,
+                             vae=args.decoder == "vae")  # fmt: skip
         self.decoder = None
         if args.decoder in ("pixel", "vae"):
-            self.decoder = Decoder(
-                obs_shape[0],
-                args.image_size,
-                args.feature_dim,
-                args.num_filters,
-                args.num_conv_layers,
-            )
+            self.decoder = Decoder(obs_shape[0], args.image_size, args.feature_dim,
+                                   args.num_filters, args.num_conv_layers)  # fmt: skip
         for net in (self.encoder, self.actor, self.critic, self.decoder):
             if net is not None:
                 net.apply(weight_init)
@@ -269,9 +252,8 @@ class SACAE:
             update_step = functools.partial(self.update_step, **parts)
         with self.autocast():  # --precision bf16; parameters, losses and Adam stay float32
             metrics = update_step(*batch)
-        # The caller keeps these until its next host sync. A reduced loss can be a 0-d view of
-        # the whole element-wise buffer (F.mse_loss on CPU: 32 MB at batch 128), so copy each
-        # value out: the kept metrics hold 4 bytes each, not the batch's buffers.
+        # A reduced loss can be a 0-d view of the whole element-wise buffer (F.mse_loss on CPU:
+        # 32 MB at batch 128): copy each value out, so that what callers keep is 4 bytes.
         return {k: v.detach().clone() for k, v in metrics.items()}
 
     def update_step(self, obs, action, reward, next_obs, not_done, do_actor, do_targets, do_ae):

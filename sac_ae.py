@@ -1600,13 +1600,15 @@ def build_parser():
         "--precision",
         default="fp32",
         choices=["fp32", "bf16"],
-        help="bf16: autocast the conv and MLP work to bfloat16 (fast on GPUs and CPUs with "
-        "bf16 units, slow elsewhere); losses and optimizer state stay float32",
+        help="fp32: float32 throughout (TF32 off on GPUs); bf16: autocast the conv and MLP "
+        "work to bfloat16 (fast on CPUs with bf16 units, slow elsewhere); parameters, losses "
+        "and optimizer state stay float32",
     )
     g.add_argument(
         "--compile",
         action="store_true",
-        help="torch.compile the networks (CUDA graphs on GPU); costs minutes of compilation first",
+        help="torch.compile the whole update (each variant compiled at first use, a minute or "
+        "more on CPU); the same maths",
     )
     g.add_argument(
         "--benchmark",

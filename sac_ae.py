@@ -1478,6 +1478,8 @@ device_name = checked(
 
 
 def build_parser():
+    # One flag a line or two: this is the card. (Kept so by hand; ruff leaves it.)
+    # fmt: off
     p = Parser(
         prog="sac_ae.py",
         description=__doc__.split("\n\n")[0] + " Every hyperparameter "
@@ -1488,262 +1490,131 @@ def build_parser():
     g = p.add_argument_group("task and run")
     g.add_argument("--domain", default="cheetah", help="dm_control suite domain")
     g.add_argument("--task", default="run", help="task of that domain")
-    g.add_argument(
-        "--seed", type=seed_int, default=1, help="seeds python, numpy, torch and both environments"
-    )
-    g.add_argument(
-        "--total-steps", type=positive_int, default=500_000, help="environment steps of training"
-    )
-    g.add_argument(
-        "--obs",
-        default="pixels",
-        choices=["pixels", "state"],
-        help="pixels: SAC+AE from images; state: SAC on proprioceptive states, no "
-        "encoder or decoder (the paper's upper baseline, SAC:state)",
-    )
-    g.add_argument(
-        "--decoder",
-        default=None,
-        choices=["pixel", "vae", "none"],
-        help="pixel: deterministic regularized autoencoder (SAC+AE); vae: beta-VAE with a "
-        "stochastic encoder head (Sec. 4); none: no reconstruction (SAC:pixel, the lower "
-        "baseline) [default: pixel with --obs pixels]",
-    )
-    g.add_argument(
-        "--device",
-        type=device_name,
-        default="auto",
-        help="auto, cpu, cuda or cuda:N; auto picks cuda when available. Rendering (EGL) "
-        "runs on the same GPU unless MUJOCO_EGL_DEVICE_ID says otherwise",
-    )
-    g.add_argument(
-        "--out-dir",
-        default=None,
-        help="run folder, must be new or empty [default: runs/{domain}-{task}-s{seed}-{timestamp}]",
-    )
-    g.add_argument(
-        "--resume",
-        default=None,
-        metavar="RUN_DIR",
-        help="continue that run from its latest checkpoint, with its saved configuration; only "
-        + ", ".join("--" + k.replace("_", "-") for k in sorted(RESUMABLE))
-        + " may be given with it",
-    )
-    g.add_argument(
-        "--checkpoint-freq",
-        type=positive_int,
-        default=None,
-        help="environment steps between checkpoints [default: --eval-freq]",
-    )
-    g.add_argument(
-        "--keep-checkpoints",
-        type=nonnegative_int,
-        default=1,
-        help="older checkpoints kept besides the latest",
-    )
+    g.add_argument("--seed", type=seed_int, default=1,
+                   help="seeds python, numpy, torch and both environments")
+    g.add_argument("--total-steps", type=positive_int, default=500_000,
+                   help="environment steps of training")
+    g.add_argument("--obs", default="pixels", choices=["pixels", "state"],
+                   help="pixels: SAC+AE from images; state: SAC on proprioceptive states, no "
+                   "encoder or decoder (the paper's upper baseline, SAC:state)")
+    g.add_argument("--decoder", default=None, choices=["pixel", "vae", "none"],
+                   help="pixel: deterministic regularized autoencoder (SAC+AE); vae: beta-VAE "
+                   "with a stochastic encoder head (Sec. 4); none: no reconstruction (SAC:pixel, "
+                   "the lower baseline) [default: pixel with --obs pixels]")
+    g.add_argument("--device", type=device_name, default="auto",
+                   help="auto, cpu, cuda or cuda:N; auto picks cuda when available. Rendering "
+                   "(EGL) runs on the same GPU unless MUJOCO_EGL_DEVICE_ID says otherwise")
+    g.add_argument("--out-dir", default=None,
+                   help="run folder, must be new or empty [default: "
+                   "runs/{domain}-{task}-s{seed}-{timestamp}]")
+    g.add_argument("--resume", default=None, metavar="RUN_DIR",
+                   help="continue that run from its latest checkpoint, with its saved "
+                   "configuration; only "
+                   + ", ".join("--" + k.replace("_", "-") for k in sorted(RESUMABLE))
+                   + " may be given with it")
+    g.add_argument("--checkpoint-freq", type=positive_int, default=None,
+                   help="environment steps between checkpoints [default: --eval-freq]")
+    g.add_argument("--keep-checkpoints", type=nonnegative_int, default=1,
+                   help="older checkpoints kept besides the latest")
     g = p.add_argument_group("environment")
-    g.add_argument(
-        "--action-repeat",
-        type=positive_int,
-        default=None,
-        help="times each action is applied [default: per domain, PlaNet's: "
-        + ", ".join(f"{k} {v}" for k, v in ACTION_REPEAT.items())
-        + f"; else {DEFAULT_REPEAT}]",
-    )
-    g.add_argument(
-        "--frame-stack",
-        type=positive_int,
-        default=None,
-        help="consecutive observations stacked [default: 3 for pixels, 1 for states]",
-    )
-    g.add_argument(
-        "--image-size",
-        type=positive_int,
-        default=84,
-        help="rendered frames are square, this many pixels",
-    )
+    g.add_argument("--action-repeat", type=positive_int, default=None,
+                   help="times each action is applied [default: per domain, PlaNet's: "
+                   + ", ".join(f"{k} {v}" for k, v in ACTION_REPEAT.items())
+                   + f"; else {DEFAULT_REPEAT}]")
+    g.add_argument("--frame-stack", type=positive_int, default=None,
+                   help="consecutive observations stacked [default: 3 for pixels, 1 for states]")
+    g.add_argument("--image-size", type=positive_int, default=84,
+                   help="rendered frames are square, this many pixels")
     g = p.add_argument_group("replay and schedule")
-    g.add_argument(
-        "--buffer-size",
-        type=positive_int,
-        default=1_000_000,
-        help="replay capacity in transitions (capped at the run's agent steps)",
-    )
-    g.add_argument(
-        "--init-steps",
-        type=positive_int,
-        default=1000,
-        help="agent steps of uniform random actions before the first update",
-    )
-    g.add_argument(
-        "--init-updates",
-        type=positive_int,
-        default=None,
-        help="updates run at once when --init-steps is reached, then one per agent step "
-        "[default: --init-steps, as the authors' code]",
-    )
+    g.add_argument("--buffer-size", type=positive_int, default=1_000_000,
+                   help="replay capacity in transitions (capped at the run's agent steps)")
+    g.add_argument("--init-steps", type=positive_int, default=1000,
+                   help="agent steps of uniform random actions before the first update")
+    g.add_argument("--init-updates", type=positive_int, default=None,
+                   help="updates run at once when --init-steps is reached, then one per agent "
+                   "step [default: --init-steps, as the authors' code]")
     g.add_argument("--batch-size", type=positive_int, default=128, help="transitions per update")
-    g.add_argument(
-        "--eval-freq",
-        type=positive_int,
-        default=10_000,
-        help="environment steps between evaluations",
-    )
+    g.add_argument("--eval-freq", type=positive_int, default=10_000,
+                   help="environment steps between evaluations")
     g.add_argument("--eval-episodes", type=positive_int, default=10, help="episodes per evaluation")
-    g.add_argument(
-        "--save-video",
-        action="store_true",
-        help="mp4 of the first episode of each evaluation in RUN_DIR/video",
-    )
+    g.add_argument("--save-video", action="store_true",
+                   help="mp4 of the first episode of each evaluation in RUN_DIR/video")
     g = p.add_argument_group("speed")
-    g.add_argument(
-        "--precision",
-        default="fp32",
-        choices=["fp32", "bf16"],
-        help="fp32: float32 throughout (TF32 off on GPUs); bf16: autocast the conv and MLP "
-        "work to bfloat16 (fast on CPUs with bf16 units, slow elsewhere); parameters, losses "
-        "and optimizer state stay float32",
-    )
-    g.add_argument(
-        "--compile",
-        action="store_true",
-        help="torch.compile the whole update (each variant compiled at first use, a minute or "
-        "more on CPU); the same maths",
-    )
-    g.add_argument(
-        "--benchmark",
-        action="store_true",
-        help="no training: time updates on a replay buffer of random frames and environment "
-        "steps, print a table and a final `benchmark ...` line",
-    )
-    g.add_argument(
-        "--plot",
-        nargs="+",
-        default=None,
-        metavar="EVAL_CSV",
-        help="no training: draw each eval.csv as learning_curve.png beside it (needs matplotlib)",
-    )
-    g.add_argument(
-        "--bench-updates",
-        type=positive_int,
-        default=20,
-        help="updates timed by --benchmark after warm-up (even: actor and targets keep their rate)",
-    )
+    g.add_argument("--precision", default="fp32", choices=["fp32", "bf16"],
+                   help="fp32: float32 throughout (TF32 off on GPUs); bf16: autocast the conv and "
+                   "MLP work to bfloat16 (fast on CPUs with bf16 units, slow elsewhere); "
+                   "parameters, losses and optimizer state stay float32")
+    g.add_argument("--compile", action="store_true",
+                   help="torch.compile the whole update (each variant compiled at first use, a "
+                   "minute or more on CPU); the same maths")
+    g.add_argument("--benchmark", action="store_true",
+                   help="no training: time updates on a replay buffer of random frames and "
+                   "environment steps, print a table and a final `benchmark ...` line")
+    g.add_argument("--plot", nargs="+", default=None, metavar="EVAL_CSV",
+                   help="no training: draw each eval.csv as learning_curve.png beside it (needs "
+                   "matplotlib)")
+    g.add_argument("--bench-updates", type=positive_int, default=20,
+                   help="updates timed by --benchmark after warm-up (even: actor and targets keep "
+                   "their rate)")
     g = p.add_argument_group("SAC")
     g.add_argument("--gamma", type=unit_float, default=0.99, help="discount")
-    g.add_argument(
-        "--critic-lr",
-        type=positive_float,
-        default=1e-3,
-        help="Adam lr of the critic (and its encoder)",
-    )
+    g.add_argument("--critic-lr", type=positive_float, default=1e-3,
+                   help="Adam lr of the critic (and its encoder)")
     g.add_argument("--critic-beta", type=unit_float, default=0.9, help="Adam beta1 of the critic")
-    g.add_argument(
-        "--critic-tau", type=unit_float, default=0.01, help="soft target update rate of the Q heads"
-    )
-    g.add_argument(
-        "--encoder-tau",
-        type=unit_float,
-        default=0.05,
-        help="soft target update rate of the target encoder",
-    )
-    g.add_argument(
-        "--target-update-freq",
-        type=positive_int,
-        default=2,
-        help="soft target update on agent steps divisible by N (the initial burst shares one step)",
-    )
+    g.add_argument("--critic-tau", type=unit_float, default=0.01,
+                   help="soft target update rate of the Q heads")
+    g.add_argument("--encoder-tau", type=unit_float, default=0.05,
+                   help="soft target update rate of the target encoder")
+    g.add_argument("--target-update-freq", type=positive_int, default=2,
+                   help="soft target update on agent steps divisible by N (the initial burst "
+                   "shares one step)")
     g.add_argument("--actor-lr", type=positive_float, default=1e-3, help="Adam lr of the actor")
     g.add_argument("--actor-beta", type=unit_float, default=0.9, help="Adam beta1 of the actor")
-    g.add_argument(
-        "--actor-update-freq",
-        type=positive_int,
-        default=2,
-        help="actor and temperature step on agent steps divisible by N (the burst shares one step)",
-    )
-    g.add_argument(
-        "--actor-log-std-min",
-        type=finite_float,
-        default=-10.0,
-        help="lower bound of the policy's log std",
-    )
-    g.add_argument(
-        "--actor-log-std-max",
-        type=finite_float,
-        default=2.0,
-        help="upper bound of the policy's log std",
-    )
+    g.add_argument("--actor-update-freq", type=positive_int, default=2,
+                   help="actor and temperature step on agent steps divisible by N (the burst "
+                   "shares one step)")
+    g.add_argument("--actor-log-std-min", type=finite_float, default=-10.0,
+                   help="lower bound of the policy's log std")
+    g.add_argument("--actor-log-std-max", type=finite_float, default=2.0,
+                   help="upper bound of the policy's log std")
     g.add_argument("--init-temperature", type=positive_float, default=0.1, help="initial alpha")
     g.add_argument("--alpha-lr", type=positive_float, default=1e-4, help="Adam lr of log alpha")
     g.add_argument("--alpha-beta", type=unit_float, default=0.5, help="Adam beta1 of log alpha")
-    g.add_argument(
-        "--hidden-dim", type=positive_int, default=1024, help="width of the actor and Q MLPs"
-    )
+    g.add_argument("--hidden-dim", type=positive_int, default=1024,
+                   help="width of the actor and Q MLPs")
     g = p.add_argument_group("encoder and autoencoder")
     g.add_argument("--feature-dim", type=positive_int, default=50, help="latent size z")
-    g.add_argument(
-        "--num-filters", type=positive_int, default=32, help="channels of every conv layer"
-    )
-    g.add_argument(
-        "--num-conv-layers",
-        type=positive_int,
-        default=4,
-        help="conv layers of the encoder (and decoder)",
-    )
-    g.add_argument(
-        "--encoder-lr",
-        type=positive_float,
-        default=1e-3,
-        help="Adam lr of the encoder's reconstruction step",
-    )
+    g.add_argument("--num-filters", type=positive_int, default=32,
+                   help="channels of every conv layer")
+    g.add_argument("--num-conv-layers", type=positive_int, default=4,
+                   help="conv layers of the encoder (and decoder)")
+    g.add_argument("--encoder-lr", type=positive_float, default=1e-3,
+                   help="Adam lr of the encoder's reconstruction step")
     g.add_argument("--decoder-lr", type=positive_float, default=1e-3, help="Adam lr of the decoder")
-    g.add_argument(
-        "--decoder-weight-decay",
-        type=nonnegative_float,
-        default=1e-7,
-        help="L2 penalty on decoder weights (RAE)",
-    )
-    g.add_argument(
-        "--decoder-latent-lambda",
-        type=nonnegative_float,
-        default=1e-6,
-        help="weight of the latent penalty 0.5||z||^2 (RAE)",
-    )
-    g.add_argument(
-        "--ae-update-freq",
-        type=positive_int,
-        default=1,
-        help="autoencoder step on agent steps divisible by N (the initial burst shares one step)",
-    )
-    g.add_argument(
-        "--ae-bits", type=bits_int, default=5, help="bit depth of the reconstruction target, 1 to 8"
-    )
-    g.add_argument(
-        "--ae-grad",
-        default="end-to-end",
-        choices=["end-to-end", "separate"],
-        help="end-to-end: the critic's gradient also trains the encoder (SAC+AE, Sec. 4.4/5); "
-        "separate: only the reconstruction loss does, RL heads read a detached latent (Sec. 4.3)",
-    )
-    g.add_argument(
-        "--vae-beta",
-        type=nonnegative_float,
-        default=1e-4,
-        help="weight of the KL term with --decoder vae (ours: the paper's is in its appendix)",
-    )
-    g.add_argument(
-        "--load-encoder",
-        default=None,
-        metavar="PATH",
-        help="initialise the encoder and both latent heads from a run folder (its model.pt) or a "
-        "model.pt / checkpoint file (transfer, Fig. 7)",
-    )
-    g.add_argument(
-        "--freeze-encoder",
-        action="store_true",
-        help="with --load-encoder: keep the loaded encoder and both latent heads fixed",
-    )
+    g.add_argument("--decoder-weight-decay", type=nonnegative_float, default=1e-7,
+                   help="L2 penalty on decoder weights (RAE)")
+    g.add_argument("--decoder-latent-lambda", type=nonnegative_float, default=1e-6,
+                   help="weight of the latent penalty 0.5||z||^2 (RAE)")
+    g.add_argument("--ae-update-freq", type=positive_int, default=1,
+                   help="autoencoder step on agent steps divisible by N (the initial burst shares "
+                   "one step)")
+    g.add_argument("--ae-bits", type=bits_int, default=5,
+                   help="bit depth of the reconstruction target, 1 to 8")
+    g.add_argument("--ae-grad", default="end-to-end", choices=["end-to-end", "separate"],
+                   help="end-to-end: the critic's gradient also trains the encoder (SAC+AE, Sec. "
+                   "4.4/5); separate: only the reconstruction loss does, RL heads read a detached "
+                   "latent (Sec. 4.3)")
+    g.add_argument("--vae-beta", type=nonnegative_float, default=1e-4,
+                   help="weight of the KL term with --decoder vae (ours: the paper's is in its "
+                   "appendix)")
+    g.add_argument("--load-encoder", default=None, metavar="PATH",
+                   help="initialise the encoder and both latent heads from a run folder (its "
+                   "model.pt) or a model.pt / checkpoint file (transfer, Fig. 7)")
+    g.add_argument("--freeze-encoder", action="store_true",
+                   help="with --load-encoder: keep the loaded encoder and both latent heads fixed")
     return p
+
+    # fmt: on
 
 
 # Flags that may accompany --resume: none of them changes what the run computes.

@@ -1067,7 +1067,7 @@ class EpisodeMetrics:
         if names not in self.columns:  # an index tensor on the device, made once per set of names
             index = [self.names.index(n) for n in names]
             self.columns[names] = torch.tensor(index, device=self.table.device)
-        row = torch.stack([metrics[n].float() for n in names])
+        row = torch.stack([metrics[n].float() for n in names]).to(self.table.device)
         self.table[len(self.steps)].index_copy_(0, self.columns[names], row)
         self.steps.append(step)
         self.present.append(names)

@@ -665,7 +665,8 @@ def test_episode_metrics_name_the_first_non_finite_loss_and_its_step():
         kept.add(step, metrics)
     with pytest.raises(sac_ae.NonFiniteError, match="actor_loss became inf at agent step 4"):
         kept.means()
-    restored = sac_ae.EpisodeMetrics(torch.device("cpu"))
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # moved, as on resume
+    restored = sac_ae.EpisodeMetrics(device)
     restored.load_state_dict(kept.state_dict())  # as a checkpoint keeps them
     kept.clear()
     for step in range(3):

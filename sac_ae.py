@@ -212,12 +212,16 @@ class SACAE:
         self.target_entropy = -float(action_dim)  # -|A| (SAC's heuristic)
         self.to(device)
 
+        # --compile on a GPU replays the update from CUDA graphs (CapturedStep, below).
+        self.cuda_graphs = args.compile and device.type == "cuda"
+
         def adam(params, lr, beta1=0.9, weight_decay=0.0):  # fused: one kernel per step
             params = [p for p in params if p.requires_grad]
             if not params:  # --freeze-encoder leaves the encoder's optimizer nothing to move
                 return None
             betas = (beta1, 0.999)
-            return torch.optim.Adam(params, lr, betas, weight_decay=weight_decay, fused=True)
+            return torch.optim.Adam(params, lr, betas, weight_decay=weight_decay, fused=True,
+                                    capturable=self.cuda_graphs)  # fmt: skip
 
         # The critic's optimizer moves the encoder too; the actor's never does (Sec. 5).
         critic_params = [*self.encoder.parameters(), *self.critic.parameters()]
@@ -387,8 +391,8 @@ class SACAE:
             return self.decoder(self.critic.head(self.encoder(obs)))[0].float().cpu().numpy()
 
     def autocast(self):
-        enabled = self.args.precision == "bf16"
-        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=enabled)
+        bf16, cache = self.args.precision == "bf16", not self.cuda_graphs  # a graph has no cache
+        return torch.autocast(self.device.type, torch.bfloat16, enabled=bf16, cache_enabled=cache)
 
     # ------------------------------------------------------------------------ bookkeeping
     def networks(self):
@@ -418,6 +422,9 @@ class SACAE:
     def load_state_dict(self, state):
         for k, m in {**self.networks(), **self.optimizers()}.items():
             m.load_state_dict(state[k])
+        for opt in self.optimizers().values():  # the checkpoint's run may have had other flags
+            for group in opt.param_groups:
+                group["capturable"] = self.cuda_graphs
         with torch.no_grad():
             self.log_alpha.copy_(state["log_alpha"])
 
@@ -457,7 +464,8 @@ class SACAE:
 
     def compiled_step(self, parts):
         """update_step with these parts fixed, through torch.compile (LeanRL's way: the eager code
-        stays the code); each combination is compiled, and the time printed, at its first use."""
+        stays the code) and on a GPU replayed from a CUDA graph; each combination is compiled,
+        and the time printed, at its first use."""
         key = tuple(parts.values())
         if key in self.compiled:
             return self.compiled[key]
@@ -466,23 +474,76 @@ class SACAE:
         import torch._functorch.config
 
         torch._functorch.config.enable_autograd_cache = False
-        self.compiled[key] = torch.compile(functools.partial(self.update_step, **parts))
+        name = "update with critic" + "".join(", " + k[3:] for k, on in parts.items() if on)
+        step = torch.compile(functools.partial(self.update_step, **parts))
+        if self.cuda_graphs:
+            step = CapturedStep(step, self.device, name)
+        self.compiled[key] = step
 
         def first_call(*batch):
             began = time.perf_counter()
-            metrics = self.compiled[key](*batch)
-            names = "".join(", " + name[3:] for name, on in parts.items() if on)
-            print(
-                f"[compile] update with critic{names}: "
-                f"compiled in {time.perf_counter() - began:.1f} s",
-                flush=True,
-            )
+            metrics = step(*batch)
+            print(f"[compile] {name}: compiled in {time.perf_counter() - began:.1f} s", flush=True)
             return metrics
 
         return first_call
 
     def __getstate__(self):  # a copy (the ETA's timing probe) compiles its own update
         return {**self.__dict__, "compiled": {}}
+
+
+class CapturedStep:
+    """fn replayed from a CUDA graph: the update's few hundred kernels launched as one, the GPU no
+    longer waiting on Python (PyTorch's "whole-network capture"; LeanRL's CudaGraphModule).
+
+    fn must keep its state in place (parameters, optimizer state with capturable Adam) and read
+    its tensors from its arguments, as update_step does. The arguments are copied into buffers of
+    fixed address and layout made at the first call, so torch.compile's guards see the same
+    inputs every time (the replay buffer's batch is strided views of one tensor, which a clone
+    would not be, and a recompile inside a capture breaks it). The first calls run fn on a side
+    stream (compilation, cuDNN's autotuner and the optimizer state are set up there), one call
+    records it, every later call replays it. A capture that fails is reported in one line and fn
+    runs uncaptured from then on.
+    """
+
+    def __init__(self, fn, device, name, warmup=3):
+        self.fn, self.device, self.name, self.warmup = fn, device, name, warmup
+        self.calls, self.inputs, self.graph, self.outputs = 0, None, None, None
+        self.failed = False
+
+    def __call__(self, *args):
+        if self.inputs is None:
+            self.inputs = [torch.empty_like(x, memory_format=torch.contiguous_format) for x in args]
+        torch._foreach_copy_(self.inputs, list(args))
+        if self.graph is not None:
+            self.graph.replay()
+            return self.outputs
+        if self.failed:
+            return self.fn(*self.inputs)
+        self.calls += 1
+        if self.calls <= self.warmup:
+            side = torch.cuda.Stream(self.device)
+            side.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(side):
+                outputs = self.fn(*self.inputs)
+            torch.cuda.current_stream(self.device).wait_stream(side)
+            return outputs
+        began = time.perf_counter()
+        graph = torch.cuda.CUDAGraph()
+        try:
+            with torch.cuda.device(self.device):
+                with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+                    outputs = self.fn(*self.inputs)  # recorded, not run
+        except RuntimeError as e:  # torch.AcceleratorError included
+            self.failed = True
+            print(f"[compile] {self.name}: CUDA-graph capture failed, the compiled update runs "
+                  f"without it ({str(e).splitlines()[0][:160]})", flush=True)  # fmt: skip
+            return self(*args)  # this call's update, uncaptured
+        self.graph, self.outputs = graph, outputs
+        print(f"[compile] {self.name}: captured in a CUDA graph in "
+              f"{time.perf_counter() - began:.1f} s", flush=True)  # fmt: skip
+        self.graph.replay()  # this call's update
+        return self.outputs
 
 
 # ===================================== environment (Sec. 6: the DeepMind Control Suite from pixels)
@@ -965,6 +1026,7 @@ def pick_device(name):
         name = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(name)
     if device.type == "cuda":
+        torch.cuda.set_device(device)  # cuda:N: streams, CUDA graphs and new tensors go there
         torch.backends.cuda.matmul.allow_tf32 = False
         torch.backends.cudnn.allow_tf32 = False
         torch.backends.cudnn.benchmark = True

@@ -1433,8 +1433,9 @@ def test_cuda_update_equals_cpu_update(monkeypatch):
 
 
 @cuda
-def test_cuda_update_makes_no_host_sync():
-    agent, args = make_agent(device="cuda", action_dim=1)
+@pytest.mark.parametrize("extra", [[], ["--compile"]])
+def test_cuda_update_makes_no_host_sync(extra):
+    agent, args = make_agent(*extra, device="cuda", action_dim=1)
     env = sac_ae.DMCEnv("cartpole", "swingup", seed=0, image_size=args.image_size, action_repeat=8)
     buffer = sac_ae.ReplayBuffer(env.frame_shape, np.uint8, 3, env.action_dim, 20,
                                  env.episode_length, device=torch.device("cuda"))  # fmt: skip
@@ -1442,7 +1443,8 @@ def test_cuda_update_makes_no_host_sync():
     for _ in range(20):
         obs, reward, discount, _, _ = env.step(np.zeros(env.action_dim))
         buffer.add(np.zeros(env.action_dim, np.float32), reward, discount, obs)
-    agent.update(buffer.sample(4), step=2)  # one-off set-up (cuDNN plans, Adam state) may sync
+    for step in range(10 if args.compile else 1):  # one-off set-up (cuDNN plans, Adam state,
+        agent.update(buffer.sample(4), step)  # compilation, CUDA-graph capture) may sync
     torch.cuda.synchronize()
     for step in (3, 4):  # odd and even: every part of the update
         with warnings.catch_warnings():
@@ -1502,18 +1504,49 @@ def test_checkpoint_moves_between_cuda_and_cpu(tmp_path):
 
 
 @cuda
-@pytest.mark.parametrize("extra", [["--precision", "bf16"], ["--compile"]])
+@pytest.mark.parametrize("extra", [["--precision", "bf16"], ["--compile"],
+                                   ["--precision", "bf16", "--compile"]])  # fmt: skip
 def test_cuda_fast_modes_stay_finite_and_keep_float32_parameters(extra):
     agent, args = make_agent(*extra, device="cuda")
     batch = tuple(t.cuda() for t in random_batch(agent, args))
-    before = agent.critic.Q1[0].weight.detach().clone()
-    for step in range(6):
+    for step in range(12):  # --compile: each variant's 4th call is captured, the 5th replayed
+        before = agent.critic.Q1[0].weight.detach().clone()
         metrics = agent.update(batch, step)
+        assert not torch.equal(before, agent.critic.Q1[0].weight), step
     assert all(torch.isfinite(v).all() for v in metrics.values()), metrics
     assert all(p.dtype == torch.float32 and torch.isfinite(p).all() for p in agent.parameters())
-    assert not torch.equal(before, agent.critic.Q1[0].weight)
-    if args.compile:  # odd and even steps: two compiled variants
+    if args.compile:  # odd and even steps: two compiled variants, each replayed from its graph
         assert len(agent.compiled) == 2
+        assert all(step.graph is not None for step in agent.compiled.values())
+
+
+def pattern_noise(monkeypatch):
+    """Deterministic "noise" made on the tensor's own device, which a CUDA graph can record."""
+
+    def rand_like(t, dtype=None):
+        n = torch.arange(t.numel(), device=t.device, dtype=torch.float32).reshape(t.shape)
+        return (n * 0.6180339887 + 0.1).frac().to(dtype or t.dtype)  # spread over [0, 1)
+
+    monkeypatch.setattr(torch, "rand_like", rand_like)
+    monkeypatch.setattr(torch, "randn_like", lambda t: (rand_like(t) - 0.5) * 3)
+
+
+@cuda
+def test_cuda_graph_replays_equal_the_eager_update(monkeypatch):
+    # A new batch every step: a replay that read the captured batch, or left its result in
+    # buffers the agent does not use, would be off by whole losses. Ten updates of float32 that
+    # cuDNN, inductor and eager sum in other orders drift by ~1e-5 relative: 1e-3 is far from both.
+    pattern_noise(monkeypatch)
+    eager, args = make_agent(device="cuda")
+    compiled, _ = make_agent("--compile", device="cuda")
+    for step in range(10):
+        batch = tuple(t.cuda() for t in random_batch(eager, args, seed=step))
+        expected, got = eager.update(batch, step), compiled.update(batch, step)
+        for name in expected:
+            assert torch.allclose(expected[name], got[name], rtol=1e-3, atol=1e-5), (step, name)
+    assert all(step.graph is not None for step in compiled.compiled.values())
+    action = {agent: agent.act(batch[0][0].cpu().numpy(), True) for agent in (eager, compiled)}
+    assert np.allclose(action[eager], action[compiled], rtol=1e-3, atol=1e-4)
 
 
 # ---------------------------------------------------------------------------- speed, by hand

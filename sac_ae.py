@@ -425,6 +425,7 @@ class SACAE:
         for opt in self.optimizers().values():  # the checkpoint's run may have had other flags
             for group in opt.param_groups:
                 group["capturable"] = self.cuda_graphs
+        self.compiled = {}  # CUDA graphs hold the old optimizer state's addresses: capture anew
         with torch.no_grad():
             self.log_alpha.copy_(state["log_alpha"])
 
@@ -477,7 +478,9 @@ class SACAE:
         name = "update with critic" + "".join(", " + k[3:] for k, on in parts.items() if on)
         step = torch.compile(functools.partial(self.update_step, **parts))
         if self.cuda_graphs:
-            step = CapturedStep(step, self.device, name)
+            if not self.compiled:
+                self.graph_pool = torch.cuda.graph_pool_handle()
+            step = CapturedStep(step, self.device, name, self.graph_pool)
         self.compiled[key] = step
 
         def first_call(*batch):
@@ -502,12 +505,13 @@ class CapturedStep:
     inputs every time (the replay buffer's batch is strided views of one tensor, which a clone
     would not be, and a recompile inside a capture breaks it). The first calls run fn on a side
     stream (compilation, cuDNN's autotuner and the optimizer state are set up there), one call
-    records it, every later call replays it. A capture that fails is reported in one line and fn
-    runs uncaptured from then on.
+    records it, every later call replays it. The variants share one memory pool: they never run
+    at once, and their outputs are copied out (SACAE.update) before the next replay. A capture
+    that fails is reported in one line and fn runs uncaptured from then on.
     """
 
-    def __init__(self, fn, device, name, warmup=3):
-        self.fn, self.device, self.name, self.warmup = fn, device, name, warmup
+    def __init__(self, fn, device, name, pool, warmup=3):
+        self.fn, self.device, self.name, self.pool, self.warmup = fn, device, name, pool, warmup
         self.calls, self.inputs, self.graph, self.outputs = 0, None, None, None
         self.failed = False
 
@@ -521,24 +525,25 @@ class CapturedStep:
         if self.failed:
             return self.fn(*self.inputs)
         self.calls += 1
+        stream = torch.cuda.current_stream(self.device)
         if self.calls <= self.warmup:
             side = torch.cuda.Stream(self.device)
-            side.wait_stream(torch.cuda.current_stream(self.device))
+            side.wait_stream(stream)
             with torch.cuda.stream(side):
                 outputs = self.fn(*self.inputs)
-            torch.cuda.current_stream(self.device).wait_stream(side)
+            stream.wait_stream(side)
             return outputs
-        began = time.perf_counter()
-        graph = torch.cuda.CUDAGraph()
+        began, graph = time.perf_counter(), torch.cuda.CUDAGraph()
         try:
-            with torch.cuda.device(self.device):
-                with torch.cuda.graph(graph, capture_error_mode="thread_local"):
-                    outputs = self.fn(*self.inputs)  # recorded, not run
+            with torch.cuda.graph(graph, self.pool, capture_error_mode="thread_local"):
+                outputs = self.fn(*self.inputs)  # recorded, not run
         except RuntimeError as e:  # torch.AcceleratorError included
+            torch.cuda.set_stream(stream)  # a failed capture_end leaves the capture stream current
+            cause = e.__context__ or e  # the call the capture refused, if one did
             self.failed = True
             print(f"[compile] {self.name}: CUDA-graph capture failed, the compiled update runs "
-                  f"without it ({str(e).splitlines()[0][:160]})", flush=True)  # fmt: skip
-            return self(*args)  # this call's update, uncaptured
+                  f"without it ({str(cause).splitlines()[0][:160]})", flush=True)  # fmt: skip
+            return self.fn(*self.inputs)  # this call's update, uncaptured
         self.graph, self.outputs = graph, outputs
         print(f"[compile] {self.name}: captured in a CUDA graph in "
               f"{time.perf_counter() - began:.1f} s", flush=True)  # fmt: skip
@@ -1608,7 +1613,7 @@ def build_parser():
                    "parameters, losses and optimizer state stay float32")
     g.add_argument("--compile", action="store_true",
                    help="torch.compile the whole update (each variant compiled at first use, a "
-                   "minute or more on CPU); the same maths")
+                   "minute or more on CPU) and on a GPU replay it from CUDA graphs; the same maths")
     g.add_argument("--benchmark", action="store_true",
                    help="no training: time updates on a replay buffer of random frames and "
                    "environment steps, print a table and a final `benchmark ...` line")

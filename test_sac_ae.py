@@ -1338,8 +1338,18 @@ def test_benchmark_prints_the_final_line(capsys):
     assert (fields["device"], fields["precision"]) == ("cpu", "fp32")
 
 
+@pytest.fixture
+def fresh_dynamo():
+    """torch.compile's caches emptied: dynamo keys Optimizer.step by the optimizer, so agents
+    compiled by earlier tests would push this test's optimizer steps past its recompile limit,
+    and they would run uncompiled without a word."""
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
 @slow
-def test_compiled_run_prints_compile_time_and_resumes(tmp_path, capsys):
+def test_compiled_run_prints_compile_time_and_resumes(tmp_path, capsys, fresh_dynamo):
     out = tmp_path / "run"
     assert (
         sac_ae.main(
@@ -1354,7 +1364,7 @@ def test_compiled_run_prints_compile_time_and_resumes(tmp_path, capsys):
 
 
 @slow
-def test_compiled_update_equals_eager_update():
+def test_compiled_update_equals_eager_update(fresh_dynamo):
     # Inductor draws its own random numbers unless told to call PyTorch's (fallback_random); with
     # the same draws the compiled kernels differ from eager only in float32 summation order:
     # 1e-5 is a hundredth of one Adam step of lr 1e-3, far below what a wrong computation moves.
@@ -1434,7 +1444,7 @@ def test_cuda_update_equals_cpu_update(monkeypatch):
 
 @cuda
 @pytest.mark.parametrize("extra", [[], ["--compile"]])
-def test_cuda_update_makes_no_host_sync(extra):
+def test_cuda_update_makes_no_host_sync(extra, fresh_dynamo):
     agent, args = make_agent(*extra, device="cuda", action_dim=1)
     env = sac_ae.DMCEnv("cartpole", "swingup", seed=0, image_size=args.image_size, action_repeat=8)
     buffer = sac_ae.ReplayBuffer(env.frame_shape, np.uint8, 3, env.action_dim, 20,
@@ -1506,7 +1516,7 @@ def test_checkpoint_moves_between_cuda_and_cpu(tmp_path):
 @cuda
 @pytest.mark.parametrize("extra", [["--precision", "bf16"], ["--compile"],
                                    ["--precision", "bf16", "--compile"]])  # fmt: skip
-def test_cuda_fast_modes_stay_finite_and_keep_float32_parameters(extra):
+def test_cuda_fast_modes_stay_finite_and_keep_float32_parameters(extra, fresh_dynamo):
     agent, args = make_agent(*extra, device="cuda")
     batch = tuple(t.cuda() for t in random_batch(agent, args))
     for step in range(12):  # --compile: each variant's 4th call is captured, the 5th replayed
@@ -1532,19 +1542,30 @@ def pattern_noise(monkeypatch):
 
 
 @cuda
-def test_cuda_graph_replays_equal_the_eager_update(monkeypatch):
-    # A new batch every step: a replay that read the captured batch, or left its result in
-    # buffers the agent does not use, would be off by whole losses. Ten updates of float32 that
-    # cuDNN, inductor and eager sum in other orders drift by ~1e-5 relative: 1e-3 is far from both.
+def test_cuda_graph_replays_equal_the_eager_update(monkeypatch, fresh_dynamo):
+    # A new batch every step: a replay that read the captured batch, or left a result in buffers
+    # the agent does not use, would be off by whole losses. 16 updates of float32 that cuDNN,
+    # inductor and eager sum in other orders drift by ~1e-5 relative: 1e-3 is far from both.
+    # Drift cannot hide a missed update: each tensor the eager update changed in the replayed
+    # steps must have changed in the replayed agent too.
     pattern_noise(monkeypatch)
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)  # the same kernels for both
     eager, args = make_agent(device="cuda")
     compiled, _ = make_agent("--compile", device="cuda")
-    for step in range(10):
+    for step in range(16):  # each variant's 4th call is captured: steps 6 and 7
+        if step == 8:
+            before = {k: {n: v.clone() for n, v in agent_state(a).items()}
+                      for k, a in (("e", eager), ("c", compiled))}  # fmt: skip
         batch = tuple(t.cuda() for t in random_batch(eager, args, seed=step))
         expected, got = eager.update(batch, step), compiled.update(batch, step)
         for name in expected:
             assert torch.allclose(expected[name], got[name], rtol=1e-3, atol=1e-5), (step, name)
     assert all(step.graph is not None for step in compiled.compiled.values())
+    after = {"e": agent_state(eager), "c": agent_state(compiled)}
+    moved = {k: {n for n, v in after[k].items() if not torch.equal(v, before[k][n])} for k in after}
+    assert moved["c"] == moved["e"] and len(moved["e"]) > 20
+    for name, value in after["e"].items():
+        assert torch.allclose(value, after["c"][name], rtol=1e-2, atol=1e-3), name
     action = {agent: agent.act(batch[0][0].cpu().numpy(), True) for agent in (eager, compiled)}
     assert np.allclose(action[eager], action[compiled], rtol=1e-3, atol=1e-4)
 

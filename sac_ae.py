@@ -2168,13 +2168,17 @@ def benchmark(args):
         if device.type == "cpu"
         else "cuda:" + torch.cuda.get_device_name(device).replace(" ", "_")
     )
+    mode = args.precision + (" + compile" if args.compile else "")
+    if agent.cuda_graphs:  # how many variants replay from a CUDA graph (a capture can fail)
+        captured = sum(step.graph is not None for step in agent.compiled.values())
+        mode += f" + CUDA graphs ({captured} of {len(agent.compiled)} variants)"
     rows = [
         (
             "task",
             f"{args.domain}-{args.task}, obs {args.obs}, decoder {args.decoder}, "
             f"{args.image_size}px",
         ),
-        ("device / precision", f"{name} / {args.precision}{' + compile' if args.compile else ''}"),
+        ("device / precision", f"{name} / {mode}"),
         ("threads", str(torch.get_num_threads())),
         ("batch", str(args.batch_size)),
         ("ms per update (with sampling)", f"{ms_update:.1f}  over {args.bench_updates} updates"),

@@ -1031,7 +1031,8 @@ def pick_device(name):
         name = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(name)
     if device.type == "cuda":
-        torch.cuda.set_device(device)  # cuda:N: streams, CUDA graphs and new tensors go there
+        if device.index is not None:  # cuda:N: streams, CUDA graphs and new tensors go there
+            torch.cuda.set_device(device)
         torch.backends.cuda.matmul.allow_tf32 = False
         torch.backends.cudnn.allow_tf32 = False
         torch.backends.cudnn.benchmark = True

@@ -25,6 +25,7 @@ import pytest
 import torch
 
 import sac_ae
+from torch.cuda._utils import _get_device_index
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 SCRIPT = os.path.join(HERE, "sac_ae.py")
@@ -1440,6 +1441,21 @@ def test_cuda_update_equals_cpu_update(monkeypatch):
         assert torch.allclose(m_cpu[name], m_gpu[name], rtol=1e-4, atol=1e-6), name
     for name in p_cpu:
         assert torch.allclose(p_cpu[name], p_gpu[name], rtol=0, atol=1e-4), name
+
+
+@pytest.mark.parametrize("name,current", [("cuda", None), ("cuda:1", 1), ("cpu", None)])
+def test_device_with_an_index_becomes_the_current_cuda_device(monkeypatch, name, current):
+    chosen = []  # torch's own index check, which refuses "cuda" without an index
+    monkeypatch.setattr(torch.cuda, "set_device", lambda d: chosen.append(_get_device_index(d)))
+    flags = [(torch.backends.cudnn, "benchmark"), (torch.backends.cudnn, "allow_tf32"),
+             (torch.backends.cuda.matmul, "allow_tf32")]  # fmt: skip
+    saved = [getattr(module, flag) for module, flag in flags]
+    try:
+        assert sac_ae.pick_device(name) == torch.device(name)
+    finally:  # the GPU numerics it chose, put back for the other tests
+        for (module, flag), value in zip(flags, saved):
+            setattr(module, flag, value)
+    assert chosen == ([current] if current is not None else [])
 
 
 @pytest.mark.parametrize("visible,device,expected", [

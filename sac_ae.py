@@ -14,6 +14,8 @@ import collections
 import contextlib
 import copy
 import csv
+import ctypes
+import ctypes.util
 import functools
 import json
 import math
@@ -24,6 +26,7 @@ import re
 import signal
 import sys
 import time
+import warnings
 import zipfile
 import zlib
 
@@ -478,9 +481,10 @@ class SACAE:
         name = "update with critic" + "".join(", " + k[3:] for k, on in parts.items() if on)
         step = torch.compile(functools.partial(self.update_step, **parts))
         if self.cuda_graphs:
-            if not self.compiled:
-                self.graph_pool = torch.cuda.graph_pool_handle()
-            step = CapturedStep(step, self.device, name, self.graph_pool)
+            if not self.compiled:  # what the variants share (see CapturedStep)
+                pool, stream = torch.cuda.graph_pool_handle(), torch.cuda.Stream(self.device)
+                self.graphs = {"pool": pool, "stream": stream, "failed": False}
+            step = CapturedStep(step, self.device, name, self.graphs)
         self.compiled[key] = step
 
         def first_call(*batch):
@@ -492,7 +496,7 @@ class SACAE:
         return first_call
 
     def __getstate__(self):  # a copy (the ETA's timing probe) compiles its own update
-        return {**self.__dict__, "compiled": {}}
+        return {**self.__dict__, "compiled": {}, "graphs": None}
 
 
 class CapturedStep:
@@ -505,15 +509,15 @@ class CapturedStep:
     inputs every time (the replay buffer's batch is strided views of one tensor, which a clone
     would not be, and a recompile inside a capture breaks it). The first calls run fn on a side
     stream (compilation, cuDNN's autotuner and the optimizer state are set up there), one call
-    records it, every later call replays it. The variants share one memory pool: they never run
-    at once, and their outputs are copied out (SACAE.update) before the next replay. A capture
-    that fails is reported in one line and fn runs uncaptured from then on.
+    records it, every later call replays it. An agent's variants share `graphs`: one memory pool
+    (they never run at once, and SACAE.update copies their outputs out before the next replay),
+    one capture stream on the agent's GPU, and the fate of the first failed capture, after which
+    no variant tries again and each runs uncaptured.
     """
 
-    def __init__(self, fn, device, name, pool, warmup=3):
-        self.fn, self.device, self.name, self.pool, self.warmup = fn, device, name, pool, warmup
+    def __init__(self, fn, device, name, graphs, warmup=3):
+        self.fn, self.device, self.name, self.graphs, self.warmup = fn, device, name, graphs, warmup
         self.calls, self.inputs, self.graph, self.outputs = 0, None, None, None
-        self.failed = False
 
     def __call__(self, *args):
         if self.inputs is None:
@@ -522,27 +526,31 @@ class CapturedStep:
         if self.graph is not None:
             self.graph.replay()
             return self.outputs
-        if self.failed:
+        if self.graphs["failed"]:
             return self.fn(*self.inputs)
         self.calls += 1
         stream = torch.cuda.current_stream(self.device)
         if self.calls <= self.warmup:
             side = torch.cuda.Stream(self.device)
             side.wait_stream(stream)
-            with torch.cuda.stream(side):
+            with torch.cuda.stream(side), warnings.catch_warnings():
+                # Adam warns that capturable=True is slower uncaptured: these calls only warm up.
+                warnings.filterwarnings("ignore", "This instance was constructed with capturable")
                 outputs = self.fn(*self.inputs)
             stream.wait_stream(side)
             return outputs
         began, graph = time.perf_counter(), torch.cuda.CUDAGraph()
         try:
-            with torch.cuda.graph(graph, self.pool, capture_error_mode="thread_local"):
+            with torch.cuda.graph(graph, self.graphs["pool"], self.graphs["stream"],
+                                  capture_error_mode="thread_local"):  # fmt: skip
                 outputs = self.fn(*self.inputs)  # recorded, not run
         except RuntimeError as e:  # torch.AcceleratorError included
             torch.cuda.set_stream(stream)  # a failed capture_end leaves the capture stream current
             cause = e.__context__ or e  # the call the capture refused, if one did
-            self.failed = True
-            print(f"[compile] {self.name}: CUDA-graph capture failed, the compiled update runs "
-                  f"without it ({str(cause).splitlines()[0][:160]})", flush=True)  # fmt: skip
+            self.graphs["failed"] = True
+            why = str(cause).splitlines()[0][:160]
+            print(f"[compile] {self.name}: CUDA-graph capture failed, so the compiled update runs "
+                  f"without CUDA graphs ({why})", flush=True)  # fmt: skip
             return self.fn(*self.inputs)  # this call's update, uncaptured
         self.graph, self.outputs = graph, outputs
         print(f"[compile] {self.name}: captured in a CUDA graph in "
@@ -1040,22 +1048,51 @@ def pick_device(name):
 
 
 def render_on_training_gpu(device_name):
-    """Point dm_control's EGL at the GPU that trains. MUJOCO_EGL_DEVICE_ID numbers all GPUs, while
-    cuda:N numbers those in CUDA_VISIBLE_DEVICES; a value the user set is left alone."""
+    """Point dm_control's EGL at the GPU that trains: the EGL device that says it is that CUDA
+    device. EGL lists GPUs in its own order (not CUDA's, nor nvidia-smi's) and may or may not
+    drop those CUDA_VISIBLE_DEVICES hides, so no index arithmetic is right everywhere. A value
+    the user set is left alone; where no EGL device says which GPU it is, EGL chooses."""
     if os.environ.get("MUJOCO_GL") != "egl" or "MUJOCO_EGL_DEVICE_ID" in os.environ:
         return
     if device_name == "cpu" or not torch.cuda.is_available():
         return
-    index = int(device_name.partition(":")[2] or 0)
-    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-    if visible is None and torch.cuda.device_count() == 1:
-        return  # one GPU: EGL finds it by itself
-    if visible is not None:
-        ids = [v.strip() for v in visible.split(",")]
-        if index >= len(ids) or not ids[index].isdigit():
-            return  # GPU UUIDs or MIG names: no EGL index to give, EGL picks its first device
-        index = int(ids[index])
-    os.environ["MUJOCO_EGL_DEVICE_ID"] = str(index)
+    index = int(device_name.partition(":")[2] or 0)  # cuda:N, as this process numbers GPUs
+    cuda_of_egl = egl_devices_cuda_index()
+    if index in cuda_of_egl:
+        os.environ["MUJOCO_EGL_DEVICE_ID"] = str(cuda_of_egl.index(index))
+
+
+def egl_devices_cuda_index():
+    """For each EGL device in EGL's order, the CUDA device it is (as this process numbers them,
+    EGL_NV_device_cuda), or None where the driver does not say (Mesa); [] without libEGL. Plain
+    ctypes: importing dm_control's EGL module would open its display before we choose one."""
+    try:  # libOpenGL first, globally, as dm_control loads it (NVIDIA's threads need it so)
+        ctypes.CDLL(ctypes.util.find_library("OpenGL") or "libOpenGL.so.0", ctypes.RTLD_GLOBAL)
+    except OSError:
+        pass
+    try:
+        egl = ctypes.CDLL(ctypes.util.find_library("EGL") or "libEGL.so.1")
+    except OSError:
+        return []
+    egl.eglGetProcAddress.restype = ctypes.c_void_p
+    egl.eglGetProcAddress.argtypes = [ctypes.c_char_p]
+    devices_fn = egl.eglGetProcAddress(b"eglQueryDevicesEXT")
+    attrib_fn = egl.eglGetProcAddress(b"eglQueryDeviceAttribEXT")
+    if not devices_fn or not attrib_fn:
+        return []
+    p, i32 = ctypes.POINTER, ctypes.c_int32  # EGLBoolean and EGLint are 32-bit
+    query_devices = ctypes.CFUNCTYPE(i32, i32, p(ctypes.c_void_p), p(i32))(devices_fn)
+    query_attrib = ctypes.CFUNCTYPE(i32, ctypes.c_void_p, i32, p(ctypes.c_ssize_t))(attrib_fn)
+    devices, count = (ctypes.c_void_p * 64)(), i32(0)
+    if not query_devices(64, devices, ctypes.byref(count)):
+        return []
+    found = []
+    for device in devices[: count.value]:
+        cuda = ctypes.c_ssize_t(-1)
+        ok = query_attrib(device, 0x323A, ctypes.byref(cuda))  # EGL_CUDA_DEVICE_NV
+        found.append(cuda.value if ok else None)
+    egl.eglGetError()  # clear the error a device without the attribute left for dm_control
+    return found
 
 
 def seed_everything(seed):
@@ -1079,9 +1116,11 @@ def versions():
 def time_one_update(agent, obs_shape, action_dim, batch_size, device):
     """Seconds per update, timed on a throwaway copy of the agent (the run's RNG is untouched)."""
     probe = copy.deepcopy(agent)
-    probe.args = argparse.Namespace(
-        **{**vars(agent.args), "compile": False}
-    )  # eager: no compile wait
+    probe.args = argparse.Namespace(**{**vars(agent.args), "compile": False})  # no compile wait
+    probe.cuda_graphs = False  # eager, so uncapturable Adam (the faster kind uncaptured)
+    for opt in probe.optimizers().values():
+        for group in opt.param_groups:
+            group["capturable"] = False
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         obs = torch.zeros(
             (batch_size, *obs_shape),
@@ -2077,7 +2116,9 @@ def load_checkpoint(run_dir, args, agent, buffer, env, eval_env, action_rng, dev
 
 def export_model(run_dir, args, agent):
     """RUN_DIR/model.pt: the trained networks alone, for torch.load(..., weights_only=True)."""
-    weights = {k: m.state_dict() for k, m in agent.networks().items()}
+    weights = {}  # on the CPU, so that torch.load reads it on a machine without (this) GPU
+    for name, net in agent.networks().items():
+        weights[name] = {k: t.cpu() for k, t in net.state_dict().items()}
     with atomic_write(os.path.join(run_dir, "model.pt")) as f:
         torch.save(
             {**weights, "log_alpha": agent.log_alpha.detach().cpu(), "config": maths_config(args)},

@@ -1562,6 +1562,67 @@ def pattern_noise(monkeypatch):
     monkeypatch.setattr(torch, "randn_like", lambda t: (rand_like(t) - 0.5) * 3)
 
 
+def test_captured_step_protocol_with_cuda_faked(monkeypatch, capsys):
+    """CapturedStep's bookkeeping, with torch.cuda's streams and graphs replaced by fakes that
+    log what they are asked to do (the real capture is tested on a GPU, below)."""
+
+    class Stream:
+        def wait_stream(self, other):
+            pass
+
+    default, capture = Stream(), Stream()
+    log, streams = [], {"current": default}
+
+    class Graph:
+        def replay(self):
+            log.append("replay")
+
+    @contextlib.contextmanager
+    def graph(g, pool, stream, capture_error_mode):
+        log.append("capture")
+        streams["current"] = stream  # as torch.cuda.graph: the capture stream becomes current
+        yield
+        if fail:
+            raise RuntimeError("capture invalidated")  # capture_end, before the stream is reset
+        streams["current"] = default
+
+    monkeypatch.setattr(torch.cuda, "Stream", lambda device: Stream())
+    monkeypatch.setattr(torch.cuda, "stream", lambda s: contextlib.nullcontext())
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device: streams["current"])
+    monkeypatch.setattr(torch.cuda, "set_stream", lambda s: streams.update(current=s))
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", Graph)
+    monkeypatch.setattr(torch.cuda, "graph", graph)
+    seen = []
+
+    def fn(x, y):
+        seen.append((x, y))
+        log.append("run")
+        return {"sum": x.sum() + y.sum()}
+
+    base = torch.arange(12.0).reshape(3, 4)
+    for fail in (False, True):
+        log.clear(), seen.clear()
+        graphs = {"pool": None, "stream": capture, "failed": False}
+        steps = [sac_ae.CapturedStep(fn, torch.device("cpu"), f"v{i}", graphs) for i in (0, 1)]
+        for call in range(6):
+            out = steps[0](base.t() + call, base[:, :2] * call)  # strided views, as the batch
+            if log[-1] == "run":  # (a replay's result is the graph's: the fake computes none)
+                assert out["sum"] == (base.t() + call).sum() + (base[:, :2] * call).sum()
+            else:
+                assert out is steps[0].outputs
+        assert all(x is seen[0][0] and x.is_contiguous() for x, _ in seen)  # fixed buffers
+        assert streams["current"] is default
+        if not fail:  # three warm-up runs, one capture (its run is the replay), then replays
+            assert log == ["run"] * 3 + ["capture", "run", "replay", "replay", "replay"]
+            assert steps[0].graph is not None
+        else:  # the failed capture's call runs uncaptured, and no variant captures again
+            assert log == ["run"] * 3 + ["capture", "run", "run", "run", "run"]
+            assert "capture failed" in capsys.readouterr().out and graphs["failed"]
+            for _ in range(5):
+                steps[1](base, base)
+            assert "capture" not in log[8:] and steps[1].graph is None
+
+
 @cuda
 def test_cuda_graph_replays_equal_the_eager_update(monkeypatch, fresh_dynamo):
     # A new batch every step: a replay that read the captured batch, or left a result in buffers

@@ -1117,7 +1117,7 @@ def time_one_update(agent, obs_shape, action_dim, batch_size, device):
     """Seconds per update, timed on a throwaway copy of the agent (the run's RNG is untouched)."""
     probe = copy.deepcopy(agent)
     probe.args = argparse.Namespace(**{**vars(agent.args), "compile": False})  # no compile wait
-    probe.cuda_graphs = False  # eager, so uncapturable Adam (the faster kind uncaptured)
+    probe.cuda_graphs = False  # eager: Adam's capturable mode only pays inside a CUDA graph
     for opt in probe.optimizers().values():
         for group in opt.param_groups:
             group["capturable"] = False

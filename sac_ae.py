@@ -540,9 +540,12 @@ class CapturedStep:
             stream.wait_stream(side)
             return outputs
         began, graph = time.perf_counter(), torch.cuda.CUDAGraph()
+        pool, capture_stream = self.graphs["pool"], self.graphs["stream"]
+        # A recompile cannot be captured: refused by name, with the guard that failed.
+        no_recompile = torch._dynamo.config.patch(error_on_recompile=True)
         try:
-            with torch.cuda.graph(graph, self.graphs["pool"], self.graphs["stream"],
-                                  capture_error_mode="thread_local"):  # fmt: skip
+            with no_recompile, torch.cuda.graph(graph, pool, capture_stream,
+                                                capture_error_mode="thread_local"):  # fmt: skip
                 outputs = self.fn(*self.inputs)  # recorded, not run
         except RuntimeError as e:  # torch.AcceleratorError included
             torch.cuda.set_stream(stream)  # a failed capture_end leaves the capture stream current

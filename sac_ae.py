@@ -1367,8 +1367,9 @@ def train_loop(args, device, stop, critical):
         return updates_to_go() * sec_update + steps_left * sec_step + eval_steps * sec_eval_step
 
     gpu_job = device.type == "cpu" and updates_to_go() * sec_update > 6 * 3600
-    print(f"[eta] one update takes {sec_update * 1000:.0f} ms on {device}, one environment step "
-          f"{sec_env * 1000:.1f} ms: {updates_to_go():,} updates and "
+    uncompiled = " (timed uncompiled)" if args.compile else ""
+    print(f"[eta] one update takes {sec_update * 1000:.0f} ms on {device}{uncompiled}, one "
+          f"environment step {sec_env * 1000:.1f} ms: {updates_to_go():,} updates and "
           f"{args.total_steps - loop['env_step']:,} environment steps to go, about "
           f"{duration(eta())}" + (" -- a full pixel run is a GPU job" if gpu_job else ""),
           flush=True)  # fmt: skip

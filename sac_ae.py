@@ -425,12 +425,17 @@ class SACAE:
     def load_state_dict(self, state):
         for k, m in {**self.networks(), **self.optimizers()}.items():
             m.load_state_dict(state[k])
-        for opt in self.optimizers().values():  # the checkpoint's run may have had other flags
-            for group in opt.param_groups:
-                group["capturable"] = self.cuda_graphs
+        self.set_capturable(self.cuda_graphs)  # the checkpoint's run may have had other flags
         self.compiled = {}  # CUDA graphs hold the old optimizer state's addresses: capture anew
         with torch.no_grad():
             self.log_alpha.copy_(state["log_alpha"])
+
+    def set_capturable(self, on):
+        """Adam's capturable mode (step counts on the GPU) is needed inside a CUDA graph, and
+        only costs outside one."""
+        for opt in self.optimizers().values():
+            for group in opt.param_groups:
+                group["capturable"] = on
 
     def train(self, training=True):
         for net in self.networks().values():
@@ -1120,10 +1125,8 @@ def time_one_update(agent, obs_shape, action_dim, batch_size, device):
     """Seconds per update, timed on a throwaway copy of the agent (the run's RNG is untouched)."""
     probe = copy.deepcopy(agent)
     probe.args = argparse.Namespace(**{**vars(agent.args), "compile": False})  # no compile wait
-    probe.cuda_graphs = False  # eager: Adam's capturable mode only pays inside a CUDA graph
-    for opt in probe.optimizers().values():
-        for group in opt.param_groups:
-            group["capturable"] = False
+    probe.cuda_graphs = False  # eager
+    probe.set_capturable(False)
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         obs = torch.zeros(
             (batch_size, *obs_shape),
@@ -1656,8 +1659,8 @@ def build_parser():
                    "MLP work to bfloat16 (fast on CPUs with bf16 units, slow elsewhere); "
                    "parameters, losses and optimizer state stay float32")
     g.add_argument("--compile", action="store_true",
-                   help="torch.compile the whole update (each variant compiled at first use, a "
-                   "minute or more on CPU) and on a GPU replay it from CUDA graphs; the same maths")
+                   help="torch.compile the whole update (each variant compiled at first use, "
+                   "tens of seconds on CPU) and on a GPU replay it from CUDA graphs; same maths")
     g.add_argument("--benchmark", action="store_true",
                    help="no training: time updates on a replay buffer of random frames and "
                    "environment steps, print a table and a final `benchmark ...` line")

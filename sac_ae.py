@@ -567,7 +567,7 @@ class CapturedStep:
         return self.outputs
 
 
-# ===================================== environment (Sec. 6: the DeepMind Control Suite from pixels)
+# =================================== environment (Sec. 4.1: the DeepMind Control Suite from pixels)
 ACTION_REPEAT = {
     "cartpole": 8,
     "reacher": 4,
@@ -591,7 +591,7 @@ def load_suite():
 
 
 class DMCEnv:
-    """A dm_control task seen by the agent: action repeat -> observation -> frame stack (Sec. 6).
+    """A dm_control task seen by the agent: action repeat -> observation -> frame stack (Sec. 4.1).
 
     Observations are uint8 (3 * frame_stack, size, size) renders, or float32 proprioceptive
     states. Actions live in [-1, 1]^A and are rescaled to the task's bounds. `step` returns
@@ -1718,14 +1718,15 @@ def build_parser():
                    help="end-to-end: the critic's gradient also trains the encoder (SAC+AE, Sec. "
                    "4.4/5); separate: only the reconstruction loss does, RL heads read a detached "
                    "latent (Sec. 4.3)")
-    g.add_argument("--vae-beta", type=nonnegative_float, default=1e-4,
-                   help="weight of the KL term with --decoder vae (ours: the paper's is in its "
-                   "appendix)")
+    g.add_argument("--vae-beta", type=nonnegative_float, default=1e-6,
+                   help="weight of the KL term with --decoder vae (Sec. 4.3: beta in [1e-8, 1e-6] "
+                   "worked best)")
     g.add_argument("--load-encoder", default=None, metavar="PATH",
                    help="initialise the encoder and both latent heads from a run folder (its "
                    "model.pt) or a model.pt / checkpoint file (transfer, Fig. 7)")
     g.add_argument("--freeze-encoder", action="store_true",
-                   help="with --load-encoder: keep the loaded encoder and both latent heads fixed")
+                   help="with --load-encoder: keep the loaded encoder and both latent heads fixed "
+                   "(the paper's Fig. 7 lets the critic train them)")
     return p
 
     # fmt: on

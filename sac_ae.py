@@ -642,12 +642,7 @@ class DMCEnv:
         )
         if self.obs_type == "state":
             return self.state
-        try:
-            image = self.env.physics.render(
-                self.image_size, self.image_size, camera_id=self.camera_id
-            )
-        except Exception as e:
-            raise RenderError(e) from None
+        image = self.render(self.image_size)
         return np.ascontiguousarray(image.transpose(2, 0, 1))  # (H, W, 3) -> (3, H, W)
 
     def observation(self):
@@ -671,8 +666,11 @@ class DMCEnv:
         self.frames.append(self._frame(time_step))
         return self.observation(), reward, float(time_step.discount), time_step.last(), env_steps
 
-    def render(self, size):
-        return self.env.physics.render(size, size, camera_id=self.camera_id)
+    def render(self, size):  # (size, size, 3) uint8
+        try:
+            return self.env.physics.render(size, size, camera_id=self.camera_id)
+        except Exception as e:
+            raise RenderError(e) from None
 
     def state_dict(self):
         """Everything needed to continue mid-episode: dm_control pickles physics (model and data, so
@@ -881,17 +879,20 @@ def available_memory():
 
 
 # ======================================================================================= evaluation
-def evaluate(env, agent, episodes, video_path=None, probe=False):
+def evaluate(env, agent, episodes, video_path=None, probe=False, stop=None):
     """Deterministic policy (tanh of the mean) on the evaluation environment.
 
     Returns the episode returns and, with probe=True, the critic's latent and the true state of
-    every visited observation, and one observation from the first episode to reconstruct.
+    every visited observation, and one observation from the first episode to reconstruct; None
+    as soon as `stop` (the training loop's record of signals) is not empty.
     """
     returns, frames, latents, states, sample = [], [], [], [], None
     for episode in range(episodes):
         obs, done, total, t = env.reset(), False, 0.0, 0
         record = video_path is not None and episode == 0
         while not done:
+            if stop:
+                return None
             if record:
                 frames.append(env.render(256))
             if probe:
@@ -1254,9 +1255,9 @@ def train(args):
             return
         stop["signum"] = signum
         print(
-            f"[signal] {signal.Signals(signum).name}: finishing this update or step, then "
-            "writing a "
-            "checkpoint (send it again to quit without one)",
+            f"[signal] {signal.Signals(signum).name}: finishing this update or step (an "
+            "evaluation under way is left to redo on resume), then writing a checkpoint (send it "
+            "again to quit without one)",
             flush=True,
         )
 
@@ -1288,6 +1289,8 @@ def train_loop(args, device, stop, critical):
     env = DMCEnv(args.domain, args.task, args.seed, **env_kwargs)
     eval_env = DMCEnv(args.domain, args.task, args.seed + EVAL_SEED_OFFSET, **env_kwargs)
     obs = env.reset()  # renders once: a GL failure shows here, before the run folder exists
+    if args.save_video and args.obs == "state":
+        eval_env.render(8)  # a state run renders its videos: the same check
     repeat, pixels = args.action_repeat, args.obs == "pixels"
     buffer = ReplayBuffer(env.frame_shape, np.uint8 if pixels else np.float32, args.frame_stack,
                           env.action_dim, args.buffer_size, env.episode_length, args.seed,
@@ -1381,10 +1384,15 @@ def train_loop(args, device, stop, critical):
     def run_eval():
         step, began = loop["env_step"], time.perf_counter()
         video = os.path.join(run_dir, "video", f"eval_{step}.mp4") if args.save_video else None
+        before = eval_env.state_dict()
         agent.train(False)
         with writing("an evaluation video"):
-            returns, latents, states, sample = evaluate(
-                eval_env, agent, args.eval_episodes, video, probe=pixels)  # fmt: skip
+            result = evaluate(eval_env, agent, args.eval_episodes, video, probe=pixels, stop=stop)
+        agent.train(True)
+        if result is None:  # a signal: the checkpoint keeps this evaluation to do, from its start
+            eval_env.load_state_dict(before)
+            return
+        returns, latents, states, sample = result
         seconds, steps = (
             time.perf_counter() - began,
             args.eval_episodes * env.episode_length * repeat,
@@ -1414,7 +1422,6 @@ def train_loop(args, device, stop, critical):
             logs["eval.csv"].write(row)
             tb.add_scalar("eval/return", row["episode_return_mean"], step)
             tb.flush()
-        agent.train(True)
         probe = f" | probe R^2 {row['probe_r2']:.2f}" if pixels else ""
         print(f"[eval] env_step {step} (agent {loop['agent_step']}) | return "
               f"{row['episode_return_mean']:.1f} +- {row['episode_return_std']:.1f} over "
@@ -1917,8 +1924,9 @@ class WriteError(RuntimeError):
     """Writing into the run folder failed: disk full, read-only, removed."""
 
 
-class Interrupted(Exception):
-    """A second SIGINT or SIGTERM: stop at once, without a checkpoint."""
+class Interrupted(BaseException):
+    """A second SIGINT or SIGTERM: stop at once, without a checkpoint. Not an Exception (as
+    KeyboardInterrupt is not), so that no handler of faults mistakes it for one."""
 
     def __init__(self, signum):
         super().__init__(signal.Signals(signum).name)
@@ -1930,7 +1938,13 @@ def writing(what):
     """Turn an OSError while writing `what` into one line that names it."""
     try:
         yield
-    except OSError as e:
+    except (OSError, RuntimeError) as e:
+        # torch.save's zip writer reports a failed write (a full disk) as a RuntimeError raised
+        # while handling the OSError: the OSError says what happened.
+        if not isinstance(e, OSError):
+            if type(e) is not RuntimeError or not isinstance(e.__context__, OSError):
+                raise  # our own errors (WriteError, NonFiniteError) and other faults pass
+            e = e.__context__
         where = f" ({e.filename})" if e.filename else ""
         raise WriteError(f"writing {what} failed: {e.strerror or e}{where}") from None
 

@@ -1132,6 +1132,58 @@ def test_second_signal_while_a_checkpoint_is_written_exits_cleanly(
     torch.load(found[0][2], weights_only=False)  # complete and loadable
 
 
+@slow
+def test_a_signal_during_an_evaluation_cuts_it_short_and_resume_redoes_it(
+    tmp_path, reference_run, monkeypatch
+):
+    original, calls = sac_ae.SACAE.act, []
+
+    def act(self, obs, deterministic=False):
+        if deterministic:  # the evaluation at env step 400 is the second (episodes of 125 steps)
+            calls.append(len(calls))
+            if len(calls) == 125 + 50:
+                os.kill(os.getpid(), signal.SIGTERM)
+        return original(self, obs, deterministic)
+
+    monkeypatch.setattr(sac_ae.SACAE, "act", act)
+    out = tmp_path / "run"
+    assert sac_ae.main([*TINY_RUN, "--out-dir", str(out)]) == 143
+    assert len(calls) == 125 + 50  # not one more action: the evaluation stopped there
+    assert [r["env_step"] for r in read_csv(out / "eval.csv")] == ["0"]
+    monkeypatch.undo()
+    assert sac_ae.main(["--resume", str(out)]) == 0
+    assert_same_run(out, reference_run)  # the cut evaluation was redone from its start
+
+
+def test_a_second_signal_while_rendering_or_loading_is_not_taken_for_a_fault(
+    tmp_path, monkeypatch
+):
+    env = sac_ae.DMCEnv("cartpole", "swingup", seed=0, image_size=16, action_repeat=8)
+
+    def signalled(*a, **k):
+        raise sac_ae.Interrupted(signal.SIGINT)
+
+    monkeypatch.setattr(env.env.physics, "render", signalled)
+    with pytest.raises(sac_ae.Interrupted):  # not a RenderError naming MUJOCO_GL
+        env.reset()
+    (tmp_path / "checkpoints").mkdir()
+    torch.save({"format": 0}, tmp_path / "checkpoints" / "ckpt_0000000200_000000000026.pt")
+    monkeypatch.setattr(torch, "load", signalled)
+    with pytest.raises(sac_ae.Interrupted):  # not "unreadable: truncated or corrupt"
+        sac_ae.load_checkpoint(str(tmp_path), *[None] * 7)
+
+
+def test_a_full_disk_while_torch_save_writes_is_one_write_error(tmpfs):
+    disk = tmpfs("size=256k")
+    path = str(disk / "ckpt.pt")
+    with pytest.raises(sac_ae.WriteError, match="writing a checkpoint failed: No space left"):
+        with sac_ae.writing("a checkpoint"), sac_ae.atomic_write(path) as f:
+            torch.save({"weights": torch.zeros(2**18)}, f)  # 1 MiB: torch's writer fails
+    assert os.listdir(disk) == []  # no half-written file, no .tmp
+    with pytest.raises(RuntimeError, match="not about the disk"), sac_ae.writing("x"):
+        raise RuntimeError("not about the disk")  # other errors pass through unchanged
+
+
 def test_interrupted_before_any_checkpoint_does_not_offer_resume(tmp_path, monkeypatch, capsys):
     def interrupted_twice(*a, **k):
         os.kill(os.getpid(), signal.SIGINT)

@@ -1292,8 +1292,11 @@ def train_loop(args, device, stop, critical):
     if args.save_video and args.obs == "state":
         eval_env.render(8)  # a state run renders its videos: the same check
     repeat, pixels = args.action_repeat, args.obs == "pixels"
+    # --buffer-size, or fewer if the run has fewer agent steps (recomputed when a resume extends
+    # it: the ring then grows to what an uninterrupted run of that length would have had).
+    capacity = min(args.buffer_size, math.ceil(args.total_steps / repeat))
     buffer = ReplayBuffer(env.frame_shape, np.uint8 if pixels else np.float32, args.frame_stack,
-                          env.action_dim, args.buffer_size, env.episode_length, args.seed,
+                          env.action_dim, capacity, env.episode_length, args.seed,
                           device)  # fmt: skip
     agent = SACAE(env.obs_shape, env.action_dim, device, args)
     run_dir, logs = args.out_dir, {}
@@ -1346,7 +1349,7 @@ def train_loop(args, device, stop, critical):
     unlisted = "" if args.domain in ACTION_REPEAT else " (default for unlisted domains)"
     print(f"[setup] {args.domain}-{args.task} seed {args.seed} | obs {args.obs} decoder "
           f"{args.decoder} | action repeat {repeat}{unlisted} | device {device} | replay "
-          f"{args.buffer_size:,} transitions, {buffer.nbytes / 2**30:.2f} GiB "
+          f"{capacity:,} transitions, {buffer.nbytes / 2**30:.2f} GiB "
           f"({buffer.bytes_per_transition:,.0f} B each) | {run_dir}", flush=True)  # fmt: skip
 
     # For the ETA: an update and an environment step timed on copies, then the loop's own clocks:
@@ -1743,6 +1746,10 @@ def build_parser():
 RESUMABLE = {"total_steps", "device", "checkpoint_freq", "keep_checkpoints", "save_video"}
 # Flags that pick what the script does rather than configure a run: never part of a run's config.
 MODES = {"resume", "out_dir", "benchmark", "bench_updates", "plot"}
+# What only a training run reads: --benchmark refuses them.
+TRAINING_ONLY = {"out_dir", "total_steps", "init_steps", "init_updates", "eval_freq",
+                 "eval_episodes", "checkpoint_freq", "keep_checkpoints", "save_video",
+                 "load_encoder", "freeze_encoder"}  # fmt: skip
 
 
 def parse_args(argv=None):
@@ -1753,6 +1760,8 @@ def parse_args(argv=None):
         if args.plot:
             for path in args.plot:
                 read_eval_csv(path)  # refuse a missing, empty or foreign file before drawing any
+            others = set(vars(args)) - {"plot"}
+            refuse_typed(argv, dict.fromkeys(others, "--plot only draws eval.csv files"))
             return args
         if args.resume:
             if args.benchmark:
@@ -1762,6 +1771,9 @@ def parse_args(argv=None):
             check_device(args.device)
             render_on_training_gpu(args.device)  # before resolve_args imports dm_control
             resolve_args(args)
+            refuse_typed(argv, unused_flags(args))
+            if args.benchmark:
+                refuse_typed(argv, dict.fromkeys(TRAINING_ONLY, "--benchmark trains nothing"))
     except UsageError as e:
         parser.error(str(e))
     return args
@@ -1770,19 +1782,21 @@ def parse_args(argv=None):
 def resume_args(parser, argv, run_dir):
     """The run's saved configuration, with the few flags that may change on resume applied."""
     dests = vars(parser.parse_args([]))
-    parser.set_defaults(**{k: None for k in dests})  # so that only the flags typed are not None
-    given = {
-        k: v for k, v in vars(parser.parse_args(argv)).items() if v is not None and k not in MODES
-    }
-    refused = sorted(set(given) - RESUMABLE)
+    typed = typed_flags(argv)
+    given = {k: v for k, v in typed.items() if k not in MODES}
+    refused = sorted(set(typed) - RESUMABLE - {"resume"})
     if refused:
         raise UsageError(
             f"--{refused[0].replace('_', '-')} cannot be given with --resume (the run keeps its "
-            f"configuration); allowed: "
+            f"folder and configuration); allowed: "
             + ", ".join("--" + k.replace("_", "-") for k in sorted(RESUMABLE))
         )
     if not os.path.isdir(run_dir):
         raise UsageError(f"--resume {run_dir}: no such folder")
+    if not os.access(run_dir, os.W_OK | os.X_OK):
+        raise UsageError(
+            f"--resume {run_dir}: cannot write in it (read-only filesystem or no permission)"
+        )
     try:
         with open(os.path.join(run_dir, "config.json")) as f:
             config = json.load(f)
@@ -1808,11 +1822,50 @@ def resume_args(parser, argv, run_dir):
     )
     check_device(args.device)
     render_on_training_gpu(args.device)
-    if latest_checkpoint(run_dir) is None:
+    found = checkpoints(run_dir)
+    if not found:
         raise UsageError(
             f"--resume {run_dir}: no checkpoint in {os.path.join(run_dir, 'checkpoints')}"
         )
+    if args.total_steps < found[-1][0]:
+        raise UsageError(
+            f"--total-steps {args.total_steps}: the run is already at environment step "
+            f"{found[-1][0]}; give at least that"
+        )
     return args
+
+
+def refuse_typed(argv, why):
+    """UsageError if a flag of `why` ({dest: reason}) was typed with a value other than its
+    default: it would be ignored without a word."""
+    defaults = vars(build_parser().parse_args([]))
+    typed = sorted(k for k, v in typed_flags(argv).items() if k in why and v != defaults[k])
+    if typed:
+        raise UsageError(f"--{typed[0].replace('_', '-')} has no effect: {why[typed[0]]}")
+
+
+def unused_flags(args):
+    """{dest: why} of the flags that this configuration never reads."""
+    unused = {}
+    if args.obs == "state":
+        for k in ("image_size", "num_filters", "num_conv_layers", "feature_dim", "encoder_tau"):
+            unused[k] = "--obs state has no conv encoder and no latent head"
+    if args.decoder == "none":
+        for k in ("encoder_lr", "decoder_lr", "decoder_weight_decay", "decoder_latent_lambda",
+                  "ae_bits", "ae_update_freq", "vae_beta"):  # fmt: skip
+            unused[k] = f"--decoder none{' (--obs state)' * (args.obs == 'state')} has no decoder"
+    elif args.decoder == "pixel":
+        unused["vae_beta"] = "it weights the KL term of --decoder vae"
+    else:
+        unused["decoder_latent_lambda"] = "--decoder vae has its KL term instead of this penalty"
+    return unused
+
+
+def typed_flags(argv):
+    """{dest: value} of the flags typed in argv; those left at their defaults are absent."""
+    parser = build_parser()
+    parser.set_defaults(**{k: None for k in vars(parser.parse_args([]))})
+    return {k: v for k, v in vars(parser.parse_args(argv)).items() if v is not None}
 
 
 def check_device(name):
@@ -1864,9 +1917,6 @@ def resolve_args(args):
     args.frame_stack = args.frame_stack or (3 if args.obs == "pixels" else 1)
     args.init_updates = args.init_updates or args.init_steps
     args.checkpoint_freq = args.checkpoint_freq or args.eval_freq
-    args.buffer_size = min(
-        args.buffer_size, math.ceil(args.total_steps / args.action_repeat)
-    )  # no unused memory
     if args.benchmark and args.bench_updates % 2:
         raise UsageError(
             "--bench-updates must be even (actor and targets move every 2nd update), got "
@@ -2304,8 +2354,8 @@ def plot(paths):
     for path in paths:
         x, y, s = read_eval_csv(path)
         folder = os.path.dirname(os.path.abspath(path))
-        title = os.path.basename(folder)
-        if os.path.isfile(os.path.join(folder, "config.json")):
+        title = os.path.basename(folder)  # unless the run's config.json says more
+        try:
             with open(os.path.join(folder, "config.json")) as f:
                 c = json.load(f)
             mode = (
@@ -2315,6 +2365,8 @@ def plot(paths):
             )
             title = f"{c['domain']} {c['task']}, {mode}, seed {c['seed']}, batch {c['batch_size']}"
             title += f", {c['image_size']}px" if c["obs"] == "pixels" else ""
+        except (OSError, ValueError, KeyError, TypeError):
+            pass
         fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
         ax.plot(x, y, marker="o", markersize=3)
         ax.fill_between(x, y - s, y + s, alpha=0.25)

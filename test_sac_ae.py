@@ -697,6 +697,11 @@ def test_episode_metrics_name_the_first_non_finite_loss_and_its_step():
         (["--critic-lr", "nan"], "--critic-lr"),
         (["--device", "cuda:x"], "--device"),
         (["--benchmark", "--bench-updates", "3"], "--bench-updates must be even"),
+        (["--benchmark"], "--out-dir has no effect: --benchmark trains nothing"),
+        (["--obs", "state", "--image-size", "64"], "--image-size has no effect: --obs state"),
+        (["--decoder", "none", "--ae-bits", "3"], "--ae-bits has no effect: --decoder none"),
+        (["--vae-beta", "0.1"], "--vae-beta has no effect: it weights the KL term"),
+        (["--decoder", "vae", "--decoder-latent-lambda", "0"], "--decoder-latent-lambda has no"),
         (["--plot", os.path.join(HERE, "README.md")], "not an eval.csv"),
         (["--plot", os.path.join(HERE, "no-such.csv")], "cannot read it"),
         (["--no-such-flag"], "unrecognized"),
@@ -859,6 +864,10 @@ def logged_rows(run_dir):
 
 def assert_same_run(a, b):
     assert logged_rows(a) == logged_rows(b)
+    assert_same_weights(a, b)
+
+
+def assert_same_weights(a, b):
     wa = torch.load(a / "model.pt", weights_only=True)
     wb = torch.load(b / "model.pt", weights_only=True)
     for net in ("encoder", "actor", "critic", "encoder_target", "critic_target", "decoder"):
@@ -1027,15 +1036,19 @@ def test_sigint_in_the_burst_stops_within_an_update_and_resumes_identically(tmp_
 
 
 @slow
-def test_resume_extends_a_finished_run_and_ignores_a_half_written_checkpoint(tmp_path):
+def test_resume_extends_a_finished_run_and_ignores_a_half_written_checkpoint(
+    tmp_path, reference_run
+):
     out = tmp_path / "run"
     assert sac_ae.main([*with_flag(TINY_RUN, "--total-steps", "400"), "--out-dir", str(out)]) == 0
     # A crash between writing and renaming the next checkpoint leaves a .tmp.
     (out / "checkpoints" / "ckpt_0000000600_000000000077.pt.tmp").write_bytes(b"partial")
-    assert json.loads((out / "config.json").read_text())["buffer_size"] == 50  # kept on resume
     assert sac_ae.main(["--resume", str(out), "--total-steps", "600"]) == 0
-    assert [r["env_step"] for r in read_csv(out / "eval.csv")] == ["0", "400", "600"]
     assert json.loads((out / "config.json").read_text())["total_steps"] == 600
+    # Its replay ring grew with the run (50 -> 75 agent steps): the same run as one of 600 steps
+    # (train.csv differs: the first run's end closed its episode's row at env step 400).
+    assert logged_rows(out)["eval.csv"] == logged_rows(reference_run)["eval.csv"]
+    assert_same_weights(out, reference_run)
 
 
 def damaged_resume_is_refused(tmp_path, reference_run, capsys, damage):
@@ -1155,9 +1168,7 @@ def test_a_signal_during_an_evaluation_cuts_it_short_and_resume_redoes_it(
     assert_same_run(out, reference_run)  # the cut evaluation was redone from its start
 
 
-def test_a_second_signal_while_rendering_or_loading_is_not_taken_for_a_fault(
-    tmp_path, monkeypatch
-):
+def test_a_second_signal_while_rendering_or_loading_is_not_taken_for_a_fault(tmp_path, monkeypatch):
     env = sac_ae.DMCEnv("cartpole", "swingup", seed=0, image_size=16, action_repeat=8)
 
     def signalled(*a, **k):
@@ -1171,6 +1182,49 @@ def test_a_second_signal_while_rendering_or_loading_is_not_taken_for_a_fault(
     monkeypatch.setattr(torch, "load", signalled)
     with pytest.raises(sac_ae.Interrupted):  # not "unreadable: truncated or corrupt"
         sac_ae.load_checkpoint(str(tmp_path), *[None] * 7)
+
+
+@slow
+def test_resume_refuses_what_it_would_ignore_or_cannot_do_and_leaves_the_run_alone(
+    tmp_path, reference_run, tmpfs, capsys
+):
+    run = tmp_path / "run"
+    shutil.copytree(reference_run, run)
+    before = folder_digest(run)
+    for argv, needle in (
+        (["--out-dir", str(tmp_path / "elsewhere")], "--out-dir cannot be given with --resume"),
+        (["--total-steps", "400"], "--total-steps 400: the run is already at environment step 600"),
+    ):
+        assert exit_code(["--resume", str(run), *argv]) == 2 and needle in one_line_error(capsys)
+    assert folder_digest(run) == before and not (tmp_path / "elsewhere").exists()
+    disk = tmpfs("size=64m")
+    shutil.copytree(reference_run, disk / "run")
+    subprocess.run(["mount", "-o", "remount,ro", str(disk)], check=True)
+    assert exit_code(["--resume", str(disk / "run"), "--total-steps", "800"]) == 2
+    assert "cannot write in it (read-only" in one_line_error(capsys)
+
+
+def test_plot_refuses_other_flags_and_titles_by_folder_without_a_good_config(tmp_path, capsys):
+    csv_path = tmp_path / "eval.csv"
+    csv_path.write_text("env_step,episode_return_mean,episode_return_std\n0,1,0\n10,5,1\n")
+    for extra in (["--benchmark"], ["--resume", "runs/x"], ["--total-steps", "5"]):
+        assert exit_code(["--plot", str(csv_path), *extra]) == 2
+        assert "no effect: --plot only draws eval.csv files" in one_line_error(capsys)
+    for config in ("{bad", '{"obs": "pixels"}'):
+        (tmp_path / "config.json").write_text(config)
+        assert exit_code(["--plot", str(csv_path)]) in (0, None)
+        assert (tmp_path / "learning_curve.png").stat().st_size > 1000
+
+
+def test_state_run_with_video_but_no_renderer_fails_before_the_run_folder(tmp_path):
+    out = tmp_path / "run"
+    argv = [sys.executable, SCRIPT, "--domain", "cartpole", "--task", "swingup", "--obs", "state",
+            "--save-video", "--out-dir", str(out)]  # fmt: skip
+    env = dict(os.environ, MUJOCO_GL="disable")
+    result = subprocess.run(argv, capture_output=True, text=True, timeout=120, env=env, cwd=HERE)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert "rendering with MUJOCO_GL=disable failed" in result.stderr.strip().splitlines()[-1]
+    assert not out.exists()
 
 
 def test_a_full_disk_while_torch_save_writes_is_one_write_error(tmpfs):

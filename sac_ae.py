@@ -449,14 +449,16 @@ class SACAE:
             damaged = zip_damage(file)
             if damaged:
                 raise ValueError(damaged)
-            saved = torch.load(file, map_location="cpu", weights_only=False)
-            saved = saved["agent"] if "agent" in saved else saved  # a checkpoint, or model.pt
+            payload = torch.load(file, map_location="cpu", weights_only=False)
+            saved = payload.get("agent", payload)  # a checkpoint, or model.pt
             encoder, critic, actor = saved["encoder"], saved["critic"], saved["actor"]
         except Exception as e:
             raise UsageError(
                 f"--load-encoder {path}: no encoder weights of this version of "
-                f"sac_ae.py in {file} ({str(e).splitlines()[0][:100]})"
+                f"sac_ae.py in {file} ({' '.join(str(e).split())[:160]})"
             ) from None
+        if payload.get("config", {}).get("obs") == "state":
+            raise UsageError(f"--load-encoder {path}: a SAC:state run has no encoder to give")
         try:
             self.encoder.load_state_dict(encoder)
             for net, saved_net in ((self.critic, critic), (self.actor, actor)):
@@ -466,7 +468,7 @@ class SACAE:
         except RuntimeError as e:
             raise UsageError(
                 f"--load-encoder {path}: its encoder does not fit this one (image size, "
-                f"filters, layers or feature dim differ: {str(e).splitlines()[0][:100]})"
+                f"filters, layers or feature dim differ: {' '.join(str(e).split())[:200]})"
             ) from None
         self.encoder_target.load_state_dict(self.encoder.state_dict())
         self.critic_target.head.load_state_dict(self.critic.head.state_dict())
@@ -623,6 +625,11 @@ class DMCEnv:
         if not math.isfinite(self.env._step_limit):
             raise UsageError(
                 f"{domain}-{task} has no time limit; this script needs episodes that end"
+            )
+        if action_repeat > self.env._step_limit:
+            raise UsageError(
+                f"--action-repeat {action_repeat} is longer than {domain}-{task}'s episodes "
+                f"({round(self.env._step_limit)} steps)"
             )
         self.episode_length = math.ceil(round(self.env._step_limit) / action_repeat)
 
@@ -1527,7 +1534,8 @@ def train_loop(args, device, stop, critical):
         last = latest_checkpoint(run_dir)
         how = (f"the last complete checkpoint {last} is intact: free space, then resume with "
                f"python {sys.argv[0]} --resume {run_dir}" if last else
-               "no checkpoint was written yet: free space and start the run again")  # fmt: skip
+               f"no checkpoint was written yet: free space, remove {run_dir} and start the run "
+               "again")  # fmt: skip
         raise WriteError(f"{e}; {how}") from None
     finally:
         for log in logs.values():
@@ -1905,6 +1913,12 @@ def resolve_args(args):
         )
     if args.load_encoder and not os.path.exists(args.load_encoder):
         raise UsageError(f"--load-encoder {args.load_encoder}: no such file or folder")
+    model = os.path.join(args.load_encoder or "", "model.pt")
+    if args.load_encoder and os.path.isdir(args.load_encoder) and not os.path.isfile(model):
+        raise UsageError(
+            f"--load-encoder {args.load_encoder}: no model.pt in it (a run writes it when it "
+            "ends); give one of its checkpoints/ckpt_*.pt instead"
+        )
     if args.load_encoder:
         args.load_encoder = os.path.abspath(args.load_encoder)
     args.decoder = args.decoder or ("pixel" if args.obs == "pixels" else "none")
@@ -1945,6 +1959,8 @@ def check_out_dir(out_dir):
         raise UsageError("--out-dir is empty; give a folder name")
     if os.path.isfile(out_dir):
         raise UsageError(f"--out-dir {out_dir} is a file; give a new folder")
+    if os.path.islink(out_dir) and not os.path.exists(out_dir):
+        raise UsageError(f"--out-dir {out_dir} is a link to nothing; give a new folder")
     if os.path.isdir(out_dir) and os.listdir(out_dir):
         raise UsageError(f"--out-dir {out_dir} already exists and is not empty; give a new folder")
     parent = os.path.abspath(out_dir)
@@ -2170,7 +2186,11 @@ def load_checkpoint(run_dir, args, agent, buffer, env, eval_env, action_rng, dev
             )
     # Accepted: from here on the run folder is rewound to the checkpoint.
     agent.load_state_dict(payload["agent"])
-    buffer.load_chunks(os.path.join(run_dir, "checkpoints"), slots)
+    try:
+        buffer.load_chunks(os.path.join(run_dir, "checkpoints"), slots)
+    except UsageError as e:
+        raise UsageError(f"{e}; older checkpoints: {older}; move {path} aside to resume from "
+                         "an older one") from None  # fmt: skip
     env.load_state_dict(payload["env"])
     eval_env.load_state_dict(payload["eval_env"])
     set_rng_states(payload["rng"], action_rng, buffer, device)
@@ -2406,18 +2426,19 @@ def main(argv=None):
         run_dir = (
             getattr(args, "out_dir", None) if args is not None and not args.benchmark else None
         )
-        last = latest_checkpoint(run_dir) if run_dir and os.path.isdir(run_dir) else None
+        folder = run_dir and os.path.isdir(run_dir)
+        last = latest_checkpoint(run_dir) if folder else None
         how = f"a second {signal.Signals(signum).name}" if isinstance(e, Interrupted) else "SIGINT"
-        print(
-            f"sac_ae.py: interrupted ({how}): stopped without writing a "
-            "checkpoint; "
-            + (
-                f"resume from the last one with: python {sys.argv[0]} --resume {run_dir}"
-                if last
-                else "no checkpoint exists yet, so start the run again"
-            ),
-            file=sys.stderr,
-        )
+        if args is not None and args.benchmark:
+            then = "--benchmark stopped"
+        elif last:
+            then = f"resume from the last one with: python {sys.argv[0]} --resume {run_dir}"
+        elif folder:
+            then = f"no checkpoint exists yet: remove {run_dir} and start the run again"
+        else:
+            then = "no checkpoint exists yet: start the run again"
+        print(f"sac_ae.py: interrupted ({how}): stopped without writing a checkpoint; {then}",
+              file=sys.stderr)  # fmt: skip
         return 128 + signum
     except Exception as e:
         if out_of_memory(e):

@@ -733,8 +733,10 @@ def test_existing_non_empty_out_dir_is_refused_and_left_alone(tmp_path, capsys):
 
 def test_out_dir_that_cannot_be_made_is_refused_before_work(tmp_path, capsys):
     (tmp_path / "file").write_text("x")
+    (tmp_path / "dangling").symlink_to(tmp_path / "gone")
     for out, needle in ((tmp_path / "file" / "run", "is a file"), ("", "--out-dir is empty"),
-                        (tmp_path / "file", "is a file")):  # fmt: skip
+                        (tmp_path / "file", "is a file"),
+                        (tmp_path / "dangling", "is a link to nothing")):  # fmt: skip
         with pytest.raises(SystemExit) as exit_info:
             sac_ae.main(["--domain", "cartpole", "--task", "swingup", "--out-dir", str(out)])
         assert exit_info.value.code == 2 and needle in one_line_error(capsys)
@@ -1248,6 +1250,28 @@ def test_interrupted_before_any_checkpoint_does_not_offer_resume(tmp_path, monke
     assert sac_ae.main([*TINY_RUN, "--out-dir", str(tmp_path / "run")]) == 130
     line = one_line_error(capsys)
     assert "no checkpoint exists yet" in line and "--resume" not in line
+    assert f"remove {tmp_path / 'run'} and start the run again" in line
+
+
+def test_interrupted_benchmark_says_so_and_nothing_of_checkpoints(monkeypatch, capsys):
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(sac_ae.SACAE, "update", interrupted)
+    argv = ["--benchmark", "--bench-updates", "2", "--image-size", "32", "--hidden-dim", "16",
+            "--domain", "cartpole", "--task", "swingup", "--device", "cpu"]  # fmt: skip
+    assert sac_ae.main(argv) == 130
+    line = one_line_error(capsys)
+    assert line.endswith("--benchmark stopped") and "checkpoint exists" not in line
+
+
+def test_load_encoder_and_action_repeat_mistakes_are_one_line(tmp_path, capsys):
+    argv = ["--domain", "cartpole", "--task", "swingup", "--out-dir", str(tmp_path / "run")]
+    assert exit_code([*argv, "--load-encoder", str(tmp_path)]) == 2  # a folder without model.pt
+    assert "no model.pt in it" in one_line_error(capsys)
+    assert exit_code([*argv, "--action-repeat", "1001"]) == 2
+    assert "longer than cartpole-swingup's episodes (1000 steps)" in one_line_error(capsys)
+    assert not (tmp_path / "run").exists()
 
 
 @slow

@@ -1270,10 +1270,29 @@ def train(args):
 
     handlers = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
-        return train_loop(args, device, stop, critical)
+        with contextlib.ExitStack() as held:  # the run folder's lock, released on the way out
+            return train_loop(args, device, stop, critical, held)
     finally:
         for s, h in handlers.items():
             signal.signal(s, h)
+
+
+def lock_run_folder(run_dir, held):
+    """An exclusive lock (flock) on the run folder for as long as this process writes it: a second
+    run or resume of the same folder is refused instead of interleaving their files."""
+    try:
+        import fcntl
+    except ImportError:  # not on a POSIX system: no lock
+        return
+    fd = os.open(run_dir, os.O_RDONLY)
+    held.callback(os.close, fd)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        raise UsageError(
+            f"{run_dir} is being written by another sac_ae.py process; wait for it to end or "
+            "stop it"
+        ) from None
 
 
 @contextlib.contextmanager
@@ -1288,7 +1307,7 @@ def signals_held(stop, critical):
         raise Interrupted(stop["again"])
 
 
-def train_loop(args, device, stop, critical):
+def train_loop(args, device, stop, critical, held):
     seed_everything(args.seed)
     action_rng = np.random.default_rng(args.seed)  # the uniform actions of the first --init-steps
     env_kwargs = dict(obs=args.obs, image_size=args.image_size, frame_stack=args.frame_stack,
@@ -1309,6 +1328,7 @@ def train_loop(args, device, stop, critical):
     run_dir, logs = args.out_dir, {}
 
     if args.resume:
+        lock_run_folder(run_dir, held)
         loop, path = load_checkpoint(
             run_dir, args, agent, buffer, env, eval_env, action_rng, device
         )
@@ -1327,6 +1347,7 @@ def train_loop(args, device, stop, critical):
             agent.load_encoder(args.load_encoder)
         with writing("the run folder"):
             os.makedirs(run_dir, exist_ok=True)
+            lock_run_folder(run_dir, held)
             config = {**vars(args), "device_resolved": str(device), "versions": versions(),
                       "episode_length_agent_steps": env.episode_length}  # fmt: skip
             with atomic_write(os.path.join(run_dir, "config.json")) as f:

@@ -9,6 +9,7 @@ import collections
 import contextlib
 import copy
 import csv
+import fcntl
 import hashlib
 import json
 import os
@@ -1199,6 +1200,12 @@ def test_resume_refuses_what_it_would_ignore_or_cannot_do_and_leaves_the_run_alo
     ):
         assert exit_code(["--resume", str(run), *argv]) == 2 and needle in one_line_error(capsys)
     assert folder_digest(run) == before and not (tmp_path / "elsewhere").exists()
+    held = os.open(run, os.O_RDONLY)  # as a run or resume of this folder holds it
+    fcntl.flock(held, fcntl.LOCK_EX)
+    assert exit_code(["--resume", str(run), "--total-steps", "800"]) == 2
+    assert "being written by another sac_ae.py process" in one_line_error(capsys)
+    assert folder_digest(run) == before
+    os.close(held)
     disk = tmpfs("size=64m")
     shutil.copytree(reference_run, disk / "run")
     subprocess.run(["mount", "-o", "remount,ro", str(disk)], check=True)

@@ -631,7 +631,13 @@ class DMCEnv:
                 f"--action-repeat {action_repeat} is longer than {domain}-{task}'s episodes "
                 f"({round(self.env._step_limit)} steps)"
             )
-        self.episode_length = math.ceil(round(self.env._step_limit) / action_repeat)
+        self.episode_env_steps = round(self.env._step_limit)
+        self.episode_length = math.ceil(self.episode_env_steps / action_repeat)
+
+    def agent_steps(self, env_steps):
+        """Agent steps that take env_steps environment steps (an episode's last may be short)."""
+        episodes, rest = divmod(env_steps, self.episode_env_steps)
+        return episodes * self.episode_length + math.ceil(rest / self.action_repeat)
 
     @property
     def state_dim(self):
@@ -730,7 +736,8 @@ class ReplayBuffer:
         if available is not None and need > available:
             raise UsageError(
                 f"the replay buffer needs {need / 2**30:.1f} GiB for {capacity:,} transitions "
-                f"but only {available / 2**30:.1f} GiB is free; lower --buffer-size"
+                f"but only {available / 2**30:.1f} GiB is free; lower --buffer-size "
+                "(--total-steps with --resume)"
             )
         try:
             self.frames = np.empty((self.size, *frame_shape), dtype=frame_dtype)
@@ -740,7 +747,8 @@ class ReplayBuffer:
             self.age = np.empty(self.size, dtype=np.int32)
         except MemoryError:
             raise UsageError(
-                f"cannot allocate {need / 2**30:.1f} GiB for the replay buffer; lower --buffer-size"
+                f"cannot allocate {need / 2**30:.1f} GiB for the replay buffer; lower "
+                "--buffer-size (--total-steps with --resume)"
             ) from None
         self.t = 0  # slots ever written; slot t lives at index t % size
         self.has_transition = False
@@ -1293,6 +1301,9 @@ def lock_run_folder(run_dir, held):
             f"{run_dir} is being written by another sac_ae.py process; wait for it to end or "
             "stop it"
         ) from None
+    except OSError as e:  # NFS, Lustre, some FUSE: no flock on a folder
+        print(f"[lock] cannot lock {run_dir} ({e.strerror}): nothing stops a second process "
+              "from writing into it", flush=True)  # fmt: skip
 
 
 @contextlib.contextmanager
@@ -1320,7 +1331,7 @@ def train_loop(args, device, stop, critical, held):
     repeat, pixels = args.action_repeat, args.obs == "pixels"
     # --buffer-size, or fewer if the run has fewer agent steps (recomputed when a resume extends
     # it: the ring then grows to what an uninterrupted run of that length would have had).
-    capacity = min(args.buffer_size, math.ceil(args.total_steps / repeat))
+    capacity = min(args.buffer_size, env.agent_steps(args.total_steps))
     buffer = ReplayBuffer(env.frame_shape, np.uint8 if pixels else np.float32, args.frame_stack,
                           env.action_dim, capacity, env.episode_length, args.seed,
                           device)  # fmt: skip
@@ -1348,6 +1359,8 @@ def train_loop(args, device, stop, critical, held):
         with writing("the run folder"):
             os.makedirs(run_dir, exist_ok=True)
             lock_run_folder(run_dir, held)
+            if os.listdir(run_dir):  # another run began writing it since the flags were checked
+                raise UsageError(f"--out-dir {run_dir} is no longer empty; give a new folder")
             config = {**vars(args), "device_resolved": str(device), "versions": versions(),
                       "episode_length_agent_steps": env.episode_length}  # fmt: skip
             with atomic_write(os.path.join(run_dir, "config.json")) as f:
@@ -1386,7 +1399,7 @@ def train_loop(args, device, stop, critical, held):
     sec_update = time_one_update(agent, env.obs_shape, env.action_dim, args.batch_size, device)
     sec_env = time_env_steps(args, env_kwargs)
     env_clock, eval_clock, episode_clock = Clock(), Clock(), Clock()
-    total_agent_steps = math.ceil(args.total_steps / repeat)
+    total_agent_steps = env.agent_steps(args.total_steps)
 
     def updates_to_go():
         next_step = loop["agent_step"] + (loop["pending_action"] is not None)
@@ -1856,7 +1869,7 @@ def resume_args(parser, argv, run_dir):
         raise UsageError(
             f"--resume {run_dir}: no checkpoint in {os.path.join(run_dir, 'checkpoints')}"
         )
-    if args.total_steps < found[-1][0]:
+    if found[-1][0] >= args.total_steps + args.action_repeat:  # its last step may overshoot
         raise UsageError(
             f"--total-steps {args.total_steps}: the run is already at environment step "
             f"{found[-1][0]}; give at least that"
@@ -1887,6 +1900,11 @@ def unused_flags(args):
         unused["vae_beta"] = "it weights the KL term of --decoder vae"
     else:
         unused["decoder_latent_lambda"] = "--decoder vae has its KL term instead of this penalty"
+    if args.freeze_encoder:
+        for k in ("encoder_lr", "encoder_tau", "decoder_latent_lambda", "ae_grad"):
+            unused[k] = "--freeze-encoder keeps the encoder and its latent heads fixed"
+    if not args.benchmark:
+        unused["bench_updates"] = "it sets how many updates --benchmark times"
     return unused
 
 

@@ -35,10 +35,23 @@ warnings.filterwarnings("ignore", category=pytest.PytestUnknownMarkWarning)
 slow = pytest.mark.slow
 
 
+def without(argv, *flags):
+    """argv less these flags and their values."""
+    argv = list(argv)
+    for flag in flags:
+        while flag in argv:
+            del argv[argv.index(flag) : argv.index(flag) + 2]
+    return argv
+
+
+STATE_REFUSES = ("--image-size", "--num-filters", "--num-conv-layers", "--feature-dim")
+
+
 def small_args(*extra):
     """Resolved arguments with tiny networks, for tests of the maths."""
-    return sac_ae.parse_args(["--image-size", "32", "--hidden-dim", "32", "--feature-dim", "8",
-                              "--num-filters", "4", "--batch-size", "4", *extra])  # fmt: skip
+    argv = ["--image-size", "32", "--hidden-dim", "32", "--feature-dim", "8", "--num-filters", "4",
+            "--batch-size", "4", *extra]  # fmt: skip
+    return sac_ae.parse_args(without(argv, *STATE_REFUSES) if "state" in extra else argv)
 
 
 def make_agent(*extra, action_dim=3, seed=0, device="cpu"):
@@ -699,6 +712,7 @@ def test_episode_metrics_name_the_first_non_finite_loss_and_its_step():
         (["--device", "cuda:x"], "--device"),
         (["--benchmark", "--bench-updates", "3"], "--bench-updates must be even"),
         (["--benchmark"], "--out-dir has no effect: --benchmark trains nothing"),
+        (["--bench-updates", "4"], "--bench-updates has no effect: it sets how many updates"),
         (["--obs", "state", "--image-size", "64"], "--image-size has no effect: --obs state"),
         (["--decoder", "none", "--ae-bits", "3"], "--ae-bits has no effect: --decoder none"),
         (["--vae-beta", "0.1"], "--vae-beta has no effect: it weights the KL term"),
@@ -922,7 +936,8 @@ def test_pixel_run_writes_its_run_folder(reference_run):
 def test_baselines_run_and_readme_snippet_loads_their_weights(tmp_path):
     short = with_flag(TINY_RUN, "--total-steps", "400")
     for name, mode in {"state": ["--obs", "state"], "pixel": ["--decoder", "none"]}.items():
-        assert sac_ae.main([*short, *mode, "--out-dir", str(tmp_path / name)]) == 0
+        argv = without(short, *STATE_REFUSES) if name == "state" else short
+        assert sac_ae.main([*argv, *mode, "--out-dir", str(tmp_path / name)]) == 0
         train = read_csv(tmp_path / name / "train.csv")
         assert float(train[-1]["critic_loss"]) > 0 and train[-1]["ae_loss"] == ""
         assert len(read_csv(tmp_path / name / "eval.csv")) == 2
@@ -1197,6 +1212,7 @@ def test_resume_refuses_what_it_would_ignore_or_cannot_do_and_leaves_the_run_alo
     for argv, needle in (
         (["--out-dir", str(tmp_path / "elsewhere")], "--out-dir cannot be given with --resume"),
         (["--total-steps", "400"], "--total-steps 400: the run is already at environment step 600"),
+        (["--total-steps", "592"], "already at environment step 600"),  # 592 + one action repeat
     ):
         assert exit_code(["--resume", str(run), *argv]) == 2 and needle in one_line_error(capsys)
     assert folder_digest(run) == before and not (tmp_path / "elsewhere").exists()
@@ -1206,6 +1222,8 @@ def test_resume_refuses_what_it_would_ignore_or_cannot_do_and_leaves_the_run_alo
     assert "being written by another sac_ae.py process" in one_line_error(capsys)
     assert folder_digest(run) == before
     os.close(held)
+    # A run's last step may pass --total-steps by less than an action repeat (8): it resumes.
+    assert exit_code(["--resume", str(run), "--total-steps", "596"]) == 0
     disk = tmpfs("size=64m")
     shutil.copytree(reference_run, disk / "run")
     subprocess.run(["mount", "-o", "remount,ro", str(disk)], check=True)
@@ -1234,6 +1252,36 @@ def test_state_run_with_video_but_no_renderer_fails_before_the_run_folder(tmp_pa
     assert result.returncode == 1 and "Traceback" not in result.stderr
     assert "rendering with MUJOCO_GL=disable failed" in result.stderr.strip().splitlines()[-1]
     assert not out.exists()
+
+
+def test_agent_steps_count_an_episodes_short_last_step():
+    for repeat in (3, 8):
+        env = sac_ae.DMCEnv("cartpole", "swingup", seed=0, obs="state", action_repeat=repeat)
+        agent_steps, env_steps, done = 0, 0, True
+        while env_steps < 2500:  # the training loop's rule: act until the budget is reached
+            if done:
+                env.reset()
+            *_, done, steps = env.step(np.zeros(env.action_dim))
+            agent_steps, env_steps = agent_steps + 1, env_steps + steps
+        assert env.agent_steps(2500) == agent_steps, repeat  # 3: 835, where 2500 / 3 gives 834
+
+
+def test_a_folder_that_cannot_be_locked_is_used_unlocked_and_said(tmp_path, monkeypatch, capsys):
+    def no_flock(fd, how):
+        raise OSError(9, "Bad file descriptor")  # NFS: flock on a folder opened read-only
+
+    monkeypatch.setattr(fcntl, "flock", no_flock)
+    with contextlib.ExitStack() as held:
+        sac_ae.lock_run_folder(str(tmp_path), held)
+    assert f"[lock] cannot lock {tmp_path} (Bad file descriptor)" in capsys.readouterr().out
+
+
+def test_flags_that_freeze_encoder_makes_useless_are_refused(tmp_path, capsys):
+    (tmp_path / "model.pt").write_bytes(b"")  # only its presence is checked before the run
+    argv = ["--load-encoder", str(tmp_path), "--freeze-encoder", "--out-dir", str(tmp_path / "r")]
+    for flag, value in (("--encoder-tau", "0.5"), ("--ae-grad", "separate")):
+        assert exit_code([*argv, flag, value]) == 2
+        assert f"{flag} has no effect: --freeze-encoder" in one_line_error(capsys)
 
 
 def test_a_full_disk_while_torch_save_writes_is_one_write_error(tmpfs):

@@ -33,6 +33,15 @@ import zlib
 # Headless rendering by default; dm_control reads this once, when it is first imported.
 os.environ.setdefault("MUJOCO_GL", "egl")
 
+
+def interrupted_while_starting(signum, frame):  # Ctrl-C while torch loads: a line, no traceback
+    print("sac_ae.py: interrupted while starting; nothing was written", file=sys.stderr)
+    raise SystemExit(128 + signum)
+
+
+if __name__ == "__main__":
+    signal.signal(signal.SIGINT, interrupted_while_starting)  # main() puts Python's back
+
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.nn as nn  # noqa: E402
@@ -2448,6 +2457,8 @@ def out_of_memory(e):
 
 
 def main(argv=None):
+    if signal.getsignal(signal.SIGINT) is interrupted_while_starting:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     args = None
     try:
         args = parse_args(argv)

@@ -757,6 +757,23 @@ def test_out_dir_that_cannot_be_made_is_refused_before_work(tmp_path, capsys):
         assert exit_info.value.code == 2 and needle in one_line_error(capsys)
 
 
+def test_ctrl_c_while_torch_loads_is_one_line(tmp_path):
+    argv = [sys.executable, SCRIPT, "--domain", "cartpole", "--task", "swingup",
+            "--out-dir", str(tmp_path / "run")]  # fmt: skip
+    proc = subprocess.Popen(argv, stderr=subprocess.PIPE, text=True, cwd=HERE)
+    maps, deadline = f"/proc/{proc.pid}/maps", time.monotonic() + 60
+    while proc.poll() is None and time.monotonic() < deadline:  # wait until torch is loading
+        with contextlib.suppress(OSError), open(maps) as f:
+            if "libtorch" in f.read():
+                break
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGINT)
+    err = proc.communicate(timeout=120)[1]
+    assert proc.returncode == 130 and "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1 and "interrupted" in err
+    assert not (tmp_path / "run").exists()
+
+
 @pytest.fixture
 def tmpfs(tmp_path):
     """A small filesystem of its own (needs root, as CI runs); skipped where mounting is refused."""

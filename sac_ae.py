@@ -1822,9 +1822,10 @@ def parse_args(argv=None):
             check_device(args.device)
             render_on_training_gpu(args.device)  # before resolve_args imports dm_control
             resolve_args(args)
-            refuse_typed(argv, unused_flags(args))
+            unused = unused_flags(args)
             if args.benchmark:
-                refuse_typed(argv, dict.fromkeys(TRAINING_ONLY, "--benchmark trains nothing"))
+                unused.update(dict.fromkeys(TRAINING_ONLY, "--benchmark trains nothing"))
+            refuse_typed(argv, unused)
     except UsageError as e:
         parser.error(str(e))
     return args
@@ -1959,16 +1960,16 @@ def resolve_args(args):
         raise UsageError(
             "--freeze-encoder needs --load-encoder PATH (a random encoder would stay random)"
         )
-    if args.load_encoder and not os.path.exists(args.load_encoder):
-        raise UsageError(f"--load-encoder {args.load_encoder}: no such file or folder")
-    model = os.path.join(args.load_encoder or "", "model.pt")
-    if args.load_encoder and os.path.isdir(args.load_encoder) and not os.path.isfile(model):
-        raise UsageError(
-            f"--load-encoder {args.load_encoder}: no model.pt in it (a run writes it when it "
-            "ends); give one of its checkpoints/ckpt_*.pt instead"
-        )
     if args.load_encoder:
-        args.load_encoder = os.path.abspath(args.load_encoder)
+        path = args.load_encoder
+        if not os.path.exists(path):
+            raise UsageError(f"--load-encoder {path}: no such file or folder")
+        if os.path.isdir(path) and not os.path.isfile(os.path.join(path, "model.pt")):
+            raise UsageError(
+                f"--load-encoder {path}: no model.pt in it (a run writes it when it ends); give "
+                "one of its checkpoints/ckpt_*.pt instead"
+            )
+        args.load_encoder = os.path.abspath(path)
     args.decoder = args.decoder or ("pixel" if args.obs == "pixels" else "none")
     if args.ae_grad == "separate" and args.decoder == "none":
         raise UsageError(
@@ -2055,10 +2056,10 @@ def writing(what):
     except (OSError, RuntimeError) as e:
         # torch.save's zip writer reports a failed write (a full disk) as a RuntimeError raised
         # while handling the OSError: the OSError says what happened.
-        if not isinstance(e, OSError):
-            if type(e) is not RuntimeError or not isinstance(e.__context__, OSError):
-                raise  # our own errors (WriteError, NonFiniteError) and other faults pass
+        if type(e) is RuntimeError and isinstance(e.__context__, OSError):
             e = e.__context__
+        if not isinstance(e, OSError):
+            raise  # our own errors (WriteError, NonFiniteError) and other faults pass
         where = f" ({e.filename})" if e.filename else ""
         raise WriteError(f"writing {what} failed: {e.strerror or e}{where}") from None
 

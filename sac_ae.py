@@ -224,9 +224,6 @@ class SACAE:
         self.target_entropy = -float(action_dim)  # -|A| (SAC's heuristic)
         self.to(device)
 
-        # --compile on a GPU replays the update from CUDA graphs (CapturedStep, below).
-        self.cuda_graphs = args.compile and device.type == "cuda"
-
         def adam(params, lr, beta1=0.9, weight_decay=0.0):  # fused: one kernel per step
             params = [p for p in params if p.requires_grad]
             if not params:  # --freeze-encoder leaves the encoder's optimizer nothing to move
@@ -407,6 +404,11 @@ class SACAE:
         return torch.autocast(self.device.type, torch.bfloat16, enabled=bf16, cache_enabled=cache)
 
     # ------------------------------------------------------------------------ bookkeeping
+    @property
+    def cuda_graphs(self):
+        """--compile on a GPU replays the update from CUDA graphs (CapturedStep, below)."""
+        return self.args.compile and self.device.type == "cuda"
+
     def networks(self):
         nets = {"encoder": self.encoder, "actor": self.actor, "critic": self.critic}
         nets.update(encoder_target=self.encoder_target, critic_target=self.critic_target)
@@ -1150,7 +1152,6 @@ def time_one_update(agent, obs_shape, action_dim, batch_size, device):
     """Seconds per update, timed on a throwaway copy of the agent (the run's RNG is untouched)."""
     probe = copy.deepcopy(agent)
     probe.args = argparse.Namespace(**{**vars(agent.args), "compile": False})  # no compile wait
-    probe.cuda_graphs = False  # eager
     probe.set_capturable(False)
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         obs = torch.zeros(
@@ -1205,7 +1206,7 @@ class EpisodeMetrics:
         if names not in self.columns:  # an index tensor on the device, made once per set of names
             index = [self.names.index(n) for n in names]
             self.columns[names] = torch.tensor(index, device=self.table.device)
-        row = torch.stack([metrics[n].float() for n in names]).to(self.table.device)
+        row = torch.stack([metrics[n].float() for n in names])
         self.table[len(self.steps)].index_copy_(0, self.columns[names], row)
         self.steps.append(step)
         self.present.append(names)
@@ -1239,7 +1240,8 @@ class EpisodeMetrics:
 
     def load_state_dict(self, state):
         self.clear()
-        for step, names, row in zip(state["steps"], state["present"], state["values"]):
+        values = state["values"].to(self.table.device)  # a checkpoint's rows are on the CPU
+        for step, names, row in zip(state["steps"], state["present"], values):
             self.add(step, {n: row[self.names.index(n)] for n in names})
 
 

@@ -1821,36 +1821,54 @@ def test_captured_step_protocol_with_cuda_faked(monkeypatch, capsys):
             assert "capture" not in log[8:] and steps[1].graph is None
 
 
+class CompiledWithoutGraphs(sac_ae.SACAE):
+    """--compile on CUDA, the same compiled kernels run one by one instead of replayed."""
+
+    cuda_graphs = property(lambda self: False)
+
+
 @cuda
-def test_cuda_graph_replays_equal_the_eager_update(monkeypatch, fresh_dynamo):
-    # A new batch every step: a replay that read the captured batch, or left a result in buffers
-    # the agent does not use, would be off by whole losses. 16 updates of float32 that cuDNN,
-    # inductor and eager sum in other orders drift by ~1e-5 relative: 1e-3 is far from both.
-    # Drift cannot hide a missed update: each tensor the eager update changed in the replayed
-    # steps must have changed in the replayed agent too.
+def test_cuda_graph_replays_equal_the_compiled_update(monkeypatch, fresh_dynamo):
+    # A replay must compute what the compiled kernels compute when launched one by one: both run
+    # the same kernels, so on an H100 they agreed to the last printed digit at all 16 steps. A new
+    # batch each step: a replay that read the captured batch, or left results in buffers the agent
+    # does not use, would be off by whole losses.
+    # Against eager, only the first steps are compared: inductor sums float32 in another order
+    # (~1e-7 apart at step 0), and Adam's early steps (~lr * sign(grad)) amplify that ~10x per
+    # two updates at batch 4 (H100, 2026-11-26: 2e-6 at step 0 to 1e-2 at step 14, replayed or
+    # not alike), so a 16-step comparison with eager measures chaos, not the replay.
     pattern_noise(monkeypatch)
     eager, args = make_agent(device="cuda")
-    compiled, _ = make_agent("--compile", device="cuda")
-    # The same kernels for both (pick_device, run by make_agent, turns cuDNN's autotuner on).
+    replayed, _ = make_agent("--compile", device="cuda")
+    torch.manual_seed(0)
+    launched = CompiledWithoutGraphs(
+        (3 * args.frame_stack, args.image_size, args.image_size), 3, eager.device, replayed.args
+    )
+    # The same kernels for all three (pick_device, run by make_agent, turns the autotuner on).
     monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
     for step in range(16):  # each variant's 4th call is captured: steps 6 and 7
         if step == 8:
             before = {k: {n: v.clone() for n, v in agent_state(a).items()}
-                      for k, a in (("e", eager), ("c", compiled))}  # fmt: skip
+                      for k, a in (("r", replayed), ("l", launched))}  # fmt: skip
         batch = tuple(t.cuda() for t in random_batch(eager, args, seed=step))
-        expected, got = eager.update(batch, step), compiled.update(batch, step)
+        got, expected = replayed.update(batch, step), launched.update(batch, step)
         for name in expected:
-            assert torch.allclose(expected[name], got[name], rtol=1e-3, atol=1e-5), (step, name)
-    assert len(compiled.compiled) == 2  # odd and even steps, each replayed from its graph
-    assert all(step.graph is not None for step in compiled.compiled.values())
-    assert all(p.dtype == torch.float32 and torch.isfinite(p).all() for p in compiled.parameters())
-    after = {"e": agent_state(eager), "c": agent_state(compiled)}
+            assert torch.allclose(expected[name], got[name], rtol=1e-5, atol=1e-6), (step, name)
+        if step < 4:  # both variants, before Adam has amplified the summation order
+            first = eager.update(batch, step)
+            for name in first:
+                assert torch.allclose(first[name], got[name], rtol=1e-3, atol=1e-4), (step, name)
+    assert len(replayed.compiled) == 2  # odd and even steps, each replayed from its graph
+    assert all(step.graph is not None for step in replayed.compiled.values())
+    assert not any(hasattr(step, "graph") for step in launched.compiled.values())
+    assert all(p.dtype == torch.float32 and torch.isfinite(p).all() for p in replayed.parameters())
+    after = {"r": agent_state(replayed), "l": agent_state(launched)}
     moved = {k: {n for n, v in after[k].items() if not torch.equal(v, before[k][n])} for k in after}
-    assert moved["c"] == moved["e"] and len(moved["e"]) > 20
-    for name, value in after["e"].items():
-        assert torch.allclose(value, after["c"][name], rtol=1e-2, atol=1e-3), name
-    action = {agent: agent.act(batch[0][0].cpu().numpy(), True) for agent in (eager, compiled)}
-    assert np.allclose(action[eager], action[compiled], rtol=1e-3, atol=1e-4)
+    assert moved["r"] == moved["l"] and len(moved["l"]) > 20
+    for name, value in after["l"].items():
+        assert torch.allclose(value, after["r"][name], rtol=1e-5, atol=1e-6), name
+    action = {agent: agent.act(batch[0][0].cpu().numpy(), True) for agent in (launched, replayed)}
+    assert np.allclose(action[launched], action[replayed], rtol=1e-5, atol=1e-6)
 
 
 # ---------------------------------------------------------------------------- speed, by hand

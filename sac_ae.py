@@ -2497,16 +2497,14 @@ def main(argv=None):
         if out_of_memory(e):
             print(
                 f"sac_ae.py: error: out of memory ({str(e).splitlines()[0][:160]}); lower "
-                "--hidden-dim, "
-                "--batch-size, --image-size or --buffer-size",
+                "--hidden-dim, --batch-size, --image-size or --buffer-size",
                 file=sys.stderr,
             )
             return 1
         if type(e).__name__ == "PhysicsError":  # dm_control's simulator diverged
             print(
                 f"sac_ae.py: error: the simulation became unstable ({e}); rerun with another "
-                "--seed "
-                "or a lower learning rate",
+                "--seed or a lower learning rate",
                 file=sys.stderr,
             )
             return 1

@@ -54,12 +54,12 @@ def small_args(*extra):
     return sac_ae.parse_args(without(argv, *STATE_REFUSES) if "state" in extra else argv)
 
 
-def make_agent(*extra, action_dim=3, seed=0, device="cpu"):
+def make_agent(*extra, action_dim=3, seed=0, device="cpu", cls=sac_ae.SACAE):
     torch.manual_seed(seed)  # the same initial weights in every run of a test (made on the CPU)
     args = small_args(*extra)
     size = args.image_size
     obs_shape = (3 * args.frame_stack, size, size) if args.obs == "pixels" else (5,)
-    return sac_ae.SACAE(obs_shape, action_dim, sac_ae.pick_device(device), args), args
+    return cls(obs_shape, action_dim, sac_ae.pick_device(device), args), args
 
 
 def random_batch(agent, args, batch=4, action_dim=3, seed=0):
@@ -1834,16 +1834,13 @@ def test_cuda_graph_replays_equal_the_compiled_update(monkeypatch, fresh_dynamo)
     # batch each step: a replay that read the captured batch, or left results in buffers the agent
     # does not use, would be off by whole losses.
     # Against eager, only the first steps are compared: inductor sums float32 in another order
-    # (~1e-7 apart at step 0), and Adam's early steps (~lr * sign(grad)) amplify that ~10x per
-    # two updates at batch 4 (H100, 2026-11-26: 2e-6 at step 0 to 1e-2 at step 14, replayed or
-    # not alike), so a 16-step comparison with eager measures chaos, not the replay.
+    # (1e-7 to 2e-6 apart at step 0), and Adam's early steps (~lr * sign(grad)) amplify that ~10x
+    # per two updates at batch 4 (H100, 2026-11-26: 1e-2 apart by step 14, replayed or not
+    # alike), so a 16-step comparison with eager measures chaos, not the replay.
     pattern_noise(monkeypatch)
     eager, args = make_agent(device="cuda")
     replayed, _ = make_agent("--compile", device="cuda")
-    torch.manual_seed(0)
-    launched = CompiledWithoutGraphs(
-        (3 * args.frame_stack, args.image_size, args.image_size), 3, eager.device, replayed.args
-    )
+    launched, _ = make_agent("--compile", device="cuda", cls=CompiledWithoutGraphs)
     # The same kernels for all three (pick_device, run by make_agent, turns the autotuner on).
     monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
     for step in range(16):  # each variant's 4th call is captured: steps 6 and 7

@@ -2,9 +2,10 @@
 
 Yarats et al., "Improving Sample Efficiency in Model-Free Reinforcement Learning from Images"
 (arXiv 1910.01741). A conv encoder is shared by the critic and a deterministic decoder: the
-critic's and the decoder's gradients shape it, the actor's never do (Sec. 5). Read top to bottom:
-networks, the agent and its update, environment, replay buffer, evaluation, training loop, flags.
-Below the "tooling" banner: checkpoints and resume, --benchmark, --plot, main().
+critic's and the decoder's gradients shape it, the actor's never do (Sec. 5). The file reads in
+the order a run happens: networks, the agent and its update, environment, replay buffer,
+evaluation, the training loop. Below the banner: checkpoints and resume, flags, --benchmark,
+--plot, main().
 
     python sac_ae.py --domain cheetah --task run --seed 3
 """
@@ -14,8 +15,7 @@ import collections
 import contextlib
 import copy
 import csv
-import ctypes
-import ctypes.util
+import dataclasses
 import functools
 import json
 import math
@@ -25,27 +25,20 @@ import random
 import re
 import signal
 import sys
+import threading
 import time
 import warnings
 import zipfile
 import zlib
 
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import tqdm
+
 # Headless rendering by default; dm_control reads this once, when it is first imported.
 os.environ.setdefault("MUJOCO_GL", "egl")
-
-
-def interrupted_while_starting(signum, frame):  # Ctrl-C while torch loads: a line, no traceback
-    print("sac_ae.py: interrupted while starting; nothing was written", file=sys.stderr)
-    raise SystemExit(128 + signum)
-
-
-if __name__ == "__main__":
-    signal.signal(signal.SIGINT, interrupted_while_starting)  # main() puts Python's back
-
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-import torch.nn as nn  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
 
 
 # ================================================================================ networks (Fig. 4)
@@ -67,11 +60,8 @@ def weight_init(m):
 
 
 def mlp(in_dim, hidden_dim, out_dim):
-    return nn.Sequential(
-        nn.Linear(in_dim, hidden_dim), nn.ReLU(),
-        nn.Linear(hidden_dim, hidden_dim), nn.ReLU(),
-        nn.Linear(hidden_dim, out_dim),
-    )  # fmt: skip
+    layers = [nn.Linear(in_dim, hidden_dim), nn.ReLU(), nn.Linear(hidden_dim, hidden_dim)]
+    return nn.Sequential(*layers, nn.ReLU(), nn.Linear(hidden_dim, out_dim))
 
 
 def latent_head(in_dim, feature_dim):
@@ -90,12 +80,11 @@ class Encoder(nn.Module):
         if not pixels:
             self.convs, self.repr_dim = nn.Identity(), obs_shape[0]
             return
-        image_size = obs_shape[-1]
         layers = [nn.Conv2d(obs_shape[0], num_filters, 3, stride=2), nn.ReLU(inplace=True)]
         for _ in range(num_layers - 1):
             layers += [nn.Conv2d(num_filters, num_filters, 3, stride=1), nn.ReLU(inplace=True)]
         self.convs = nn.Sequential(*layers)
-        self.repr_dim = num_filters * conv_output_size(image_size, num_layers) ** 2
+        self.repr_dim = num_filters * conv_output_size(obs_shape[-1], num_layers) ** 2
 
     def forward(self, obs):
         return self.convs(obs).flatten(1)
@@ -161,16 +150,11 @@ class Decoder(nn.Module):
         self.fc = nn.Linear(feature_dim, num_filters * self.side**2)
         layers = []
         for _ in range(num_layers - 1):
-            layers += [
-                nn.ConvTranspose2d(num_filters, num_filters, 3, stride=1),
-                nn.ReLU(inplace=True),
-            ]
+            layers += [nn.ConvTranspose2d(num_filters, num_filters, 3), nn.ReLU(inplace=True)]
         # The stride-2 layer gives back 2s+1 pixels; output_padding adds the one an even size lost.
         padding = (image_size - 3) % 2
-        layers.append(
-            nn.ConvTranspose2d(num_filters, out_channels, 3, stride=2, output_padding=padding)
-        )
-        self.deconvs = nn.Sequential(*layers)
+        last = nn.ConvTranspose2d(num_filters, out_channels, 3, stride=2, output_padding=padding)
+        self.deconvs = nn.Sequential(*layers, last)
 
     def forward(self, z):  # (B, 50) -> (B, 9, 84, 84), no output activation
         h = F.relu(self.fc(z)).view(-1, self.num_filters, self.side, self.side)
@@ -198,18 +182,15 @@ class SACAE:
 
     def __init__(self, obs_shape, action_dim, device, args):
         self.args, self.device = args, device
-        pixels = args.obs == "pixels"
+        pixels, dims = args.obs == "pixels", (args.feature_dim, action_dim, args.hidden_dim)
         self.encoder = Encoder(obs_shape, args.num_filters, args.num_conv_layers, pixels)
-        repr_dim = self.encoder.repr_dim
         log_std_bounds = (args.actor_log_std_min, args.actor_log_std_max)
-        self.actor = Actor(repr_dim, args.feature_dim, action_dim, args.hidden_dim, log_std_bounds,
-                           pixels)  # fmt: skip
-        self.critic = Critic(repr_dim, args.feature_dim, action_dim, args.hidden_dim, pixels,
-                             vae=args.decoder == "vae")  # fmt: skip
+        self.actor = Actor(self.encoder.repr_dim, *dims, log_std_bounds, pixels)
+        self.critic = Critic(self.encoder.repr_dim, *dims, pixels, vae=args.decoder == "vae")
         self.decoder = None
         if args.decoder in ("pixel", "vae"):
-            self.decoder = Decoder(obs_shape[0], args.image_size, args.feature_dim,
-                                   args.num_filters, args.num_conv_layers)  # fmt: skip
+            conv = (args.feature_dim, args.num_filters, args.num_conv_layers)
+            self.decoder = Decoder(obs_shape[0], args.image_size, *conv)
         for net in (self.encoder, self.actor, self.critic, self.decoder):
             if net is not None:
                 net.apply(weight_init)
@@ -228,9 +209,15 @@ class SACAE:
             params = [p for p in params if p.requires_grad]
             if not params:  # --freeze-encoder leaves the encoder's optimizer nothing to move
                 return None
-            betas = (beta1, 0.999)
-            return torch.optim.Adam(params, lr, betas, weight_decay=weight_decay, fused=True,
-                                    capturable=self.cuda_graphs)  # fmt: skip
+            capturable = self.cuda_graphs  # CUDA graphs need Adam's step counts on the GPU
+            return torch.optim.Adam(
+                params,
+                lr,
+                (beta1, 0.999),
+                weight_decay=weight_decay,
+                fused=True,
+                capturable=capturable,
+            )
 
         # The critic's optimizer moves the encoder too; the actor's never does (Sec. 5).
         critic_params = [*self.encoder.parameters(), *self.critic.parameters()]
@@ -246,9 +233,8 @@ class SACAE:
             if self.critic.log_var is not None:
                 encoder_params += self.critic.log_var.parameters()
             self.encoder_opt = adam(encoder_params, args.encoder_lr)
-            self.decoder_opt = adam(
-                self.decoder.parameters(), args.decoder_lr, weight_decay=args.decoder_weight_decay
-            )
+            decay = args.decoder_weight_decay
+            self.decoder_opt = adam(self.decoder.parameters(), args.decoder_lr, weight_decay=decay)
         self.compiled = {}  # --compile: update_step compiled per combination of parts
 
     # ------------------------------------------------------------------------ the update
@@ -260,7 +246,7 @@ class SACAE:
             do_ae=self.decoder is not None and step % self.args.ae_update_freq == 0,
         )
         if self.args.compile:
-            update_step = self.compiled_step(parts)
+            update_step = compiled_step(self, parts)  # below the banner: same maths, faster
         else:
             update_step = functools.partial(self.update_step, **parts)
         with self.autocast():  # --precision bf16; parameters, losses and Adam stay float32
@@ -318,8 +304,8 @@ class SACAE:
         self.log_alpha_opt.zero_grad(set_to_none=True)
         alpha_loss.backward()
         self.log_alpha_opt.step()
-        return {"actor_loss": actor_loss, "alpha_loss": alpha_loss, "alpha": self.alpha,
-                "entropy": -log_pi.mean()}  # fmt: skip
+        metrics = {"actor_loss": actor_loss, "alpha_loss": alpha_loss, "alpha": self.alpha}
+        return {**metrics, "entropy": -log_pi.mean()}
 
     @torch.no_grad()
     def update_targets(self):
@@ -337,8 +323,7 @@ class SACAE:
         # 8-bit pixels -> ae_bits-bit bins scaled to [-0.5, 0.5), plus uniform dequantisation
         # noise of one bin (Kingma & Dhariwal, Glow):
         #     target = floor(pixels / 2^(8 - bits)) / 2^bits - 0.5 + U(0, 1) / 2^bits
-        # written with an integer shift, in place: 22 ms less per update than the formula above
-        # at batch 128 on 2 CPU cores (AMD EPYC), about 6% of a bf16 update there.
+        # written with an integer shift, in place (faster than the formula, the same values).
         noise = torch.rand_like(pixels, dtype=torch.float32)
         target = noise.add_(pixels >> (8 - self.args.ae_bits)).div_(2**self.args.ae_bits).sub_(0.5)
         z = self.critic.head(h)
@@ -347,9 +332,8 @@ class SACAE:
             z, log_var = z.float(), self.critic.log_var(h).float()
             sample = z + torch.randn_like(z) * (0.5 * log_var).exp()  # reparameterised
             recon_loss = F.mse_loss(self.decoder(sample).float(), target)
-            kl = kl_to_standard_normal(z, log_var)
+            metrics["kl"] = kl = kl_to_standard_normal(z, log_var)
             loss = recon_loss + self.args.vae_beta * kl
-            metrics["kl"] = kl
         else:
             recon_loss = F.mse_loss(self.decoder(z).float(), target)
             latent_loss = (0.5 * z.float().pow(2).sum(dim=1)).mean()
@@ -369,35 +353,35 @@ class SACAE:
 
     def prepare(self, obs):
         """uint8 pixels -> float32 in [0, 1] (the authors' x / 255), channels-last: oneDNN and
-        cuDNN convolve NHWC fastest (about 1.5x on our CPU), the maths is the same. States pass."""
+        cuDNN convolve NHWC fastest, the maths is the same. States pass as they are."""
         if obs.dtype != torch.uint8:
             return obs
         return obs.contiguous(memory_format=torch.channels_last).float().div_(255.0)
 
     @torch.no_grad()
-    def act(self, obs, deterministic=False):
-        """One action in [-1, 1]^A: sampled while training, tanh(mean) for evaluation."""
+    def infer(self, obs, part):
+        """One observation through the encoder, then `part` of the networks, under autocast."""
         obs = self.prepare(torch.as_tensor(obs, device=self.device).unsqueeze(0))
         with self.autocast():
-            mu, log_std = self.actor(self.encoder(obs))
-        action = torch.tanh(mu) if deterministic else sample_action(mu, log_std)[0]
+            return part(self.encoder(obs))
+
+    def act(self, obs, deterministic=False):
+        """One action in [-1, 1]^A: sampled while training, tanh(mean) for evaluation."""
+        mu, log_std = self.infer(obs, self.actor)
+        with torch.no_grad():
+            action = torch.tanh(mu) if deterministic else sample_action(mu, log_std)[0]
         action = action[0].cpu().numpy()
         if not np.isfinite(action).all():  # never hand the simulator a NaN: it would fail there
             raise NonFiniteError(f"the policy's action became {action.tolist()}")
         return action
 
-    @torch.no_grad()
     def latent(self, obs):
         """The critic's z of one observation (the posterior mean with --decoder vae)."""
-        obs = self.prepare(torch.as_tensor(obs, device=self.device).unsqueeze(0))
-        with self.autocast():
-            return self.critic.head(self.encoder(obs))[0].float().cpu().numpy()
+        return self.infer(obs, self.critic.head)[0].float().cpu().numpy()
 
-    @torch.no_grad()
     def reconstruct(self, obs):
-        obs = self.prepare(torch.as_tensor(obs, device=self.device).unsqueeze(0))
-        with self.autocast():
-            return self.decoder(self.critic.head(self.encoder(obs)))[0].float().cpu().numpy()
+        recon = self.infer(obs, lambda h: self.decoder(self.critic.head(h)))
+        return recon[0].float().cpu().numpy()
 
     def autocast(self):
         bf16, cache = self.args.precision == "bf16", not self.cuda_graphs  # a graph has no cache
@@ -410,11 +394,9 @@ class SACAE:
         return self.args.compile and self.device.type == "cuda"
 
     def networks(self):
-        nets = {"encoder": self.encoder, "actor": self.actor, "critic": self.critic}
+        nets = dict(encoder=self.encoder, actor=self.actor, critic=self.critic)
         nets.update(encoder_target=self.encoder_target, critic_target=self.critic_target)
-        if self.decoder is not None:
-            nets["decoder"] = self.decoder
-        return nets
+        return {**nets, "decoder": self.decoder} if self.decoder is not None else nets
 
     def optimizers(self):
         return {k: v for k, v in vars(self).items() if isinstance(v, torch.optim.Optimizer)}
@@ -428,168 +410,37 @@ class SACAE:
     def parameters(self):
         return [self.log_alpha, *(p for net in self.networks().values() for p in net.parameters())]
 
-    def state_dict(self):
-        state = {k: m.state_dict() for k, m in {**self.networks(), **self.optimizers()}.items()}
-        state["log_alpha"] = self.log_alpha.detach().clone()
-        return state
-
-    def load_state_dict(self, state):
-        for k, m in {**self.networks(), **self.optimizers()}.items():
-            m.load_state_dict(state[k])
-        self.set_capturable(self.cuda_graphs)  # the checkpoint's run may have had other flags
-        self.compiled = {}  # CUDA graphs hold the old optimizer state's addresses: capture anew
-        with torch.no_grad():
-            self.log_alpha.copy_(state["log_alpha"])
-
-    def set_capturable(self, on):
-        """Adam's capturable mode (step counts on the GPU) is needed inside a CUDA graph, and
-        only costs outside one."""
-        for opt in self.optimizers().values():
-            for group in opt.param_groups:
-                group["capturable"] = on
-
     def train(self, training=True):
         for net in self.networks().values():
             net.train(training)
 
-    def load_encoder(self, path):
-        """Copy the encoder and both latent heads from another run (transfer, Fig. 7); the target
-        encoder and the target critic's head start as copies of them."""
-        file = os.path.join(path, "model.pt") if os.path.isdir(path) else path
-        try:
-            damaged = zip_damage(file)
-            if damaged:
-                raise ValueError(damaged)
-            payload = torch.load(file, map_location="cpu", weights_only=False)
-            saved = payload.get("agent", payload)  # a checkpoint, or model.pt
-            encoder, critic, actor = saved["encoder"], saved["critic"], saved["actor"]
-        except Exception as e:
-            raise UsageError(
-                f"--load-encoder {path}: no encoder weights of this version of "
-                f"sac_ae.py in {file} ({' '.join(str(e).split())[:160]})"
-            ) from None
-        if payload.get("config", {}).get("obs") == "state":
-            raise UsageError(f"--load-encoder {path}: a SAC:state run has no encoder to give")
-        try:
-            self.encoder.load_state_dict(encoder)
-            for net, saved_net in ((self.critic, critic), (self.actor, actor)):
-                net.head.load_state_dict(
-                    {k[5:]: v for k, v in saved_net.items() if k[:5] == "head."}
-                )
-        except RuntimeError as e:
-            raise UsageError(
-                f"--load-encoder {path}: its encoder does not fit this one (image size, "
-                f"filters, layers or feature dim differ: {' '.join(str(e).split())[:200]})"
-            ) from None
+    def state_dict(self):
+        state = {k: m.state_dict() for k, m in {**self.networks(), **self.optimizers()}.items()}
+        return {**state, "log_alpha": self.log_alpha.detach().clone()}
+
+    def load_state_dict(self, state):
+        for k, m in {**self.networks(), **self.optimizers()}.items():
+            m.load_state_dict(state[k])
+        for opt in self.optimizers().values():  # the checkpoint's run may have had other flags
+            for group in opt.param_groups:
+                group["capturable"] = self.cuda_graphs
+        self.compiled = {}  # CUDA graphs hold the old optimizer state's addresses: capture anew
+        with torch.no_grad():
+            self.log_alpha.copy_(state["log_alpha"])
+
+    def load_encoder(self, weights):
+        """Transfer (Fig. 7): the encoder and both latent heads from another run's weights; the
+        target encoder and the target critic's head start as copies of them."""
+        self.encoder.load_state_dict(weights["encoder"])
+        for net, saved in ((self.critic, weights["critic"]), (self.actor, weights["actor"])):
+            net.head.load_state_dict({k[5:]: v for k, v in saved.items() if k[:5] == "head."})
         self.encoder_target.load_state_dict(self.encoder.state_dict())
         self.critic_target.head.load_state_dict(self.critic.head.state_dict())
 
-    def compiled_step(self, parts):
-        """update_step with these parts fixed, through torch.compile (LeanRL's way: the eager code
-        stays the code) and on a GPU replayed from a CUDA graph; each combination is compiled,
-        and the time printed, at its first use."""
-        key = tuple(parts.values())
-        if key in self.compiled:
-            return self.compiled[key]
-        # torch 2.13 on CPU sometimes crashes (SIGSEGV) pickling the backward graph into its
-        # on-disk AOTAutograd cache, 1 compile in 3 here; without that cache it never did.
-        import torch._functorch.config
-
-        torch._functorch.config.enable_autograd_cache = False
-        name = "update with critic" + "".join(", " + k[3:] for k, on in parts.items() if on)
-        step = torch.compile(functools.partial(self.update_step, **parts))
-        if self.cuda_graphs:
-            if not self.compiled:  # what the variants share (see CapturedStep)
-                pool, stream = torch.cuda.graph_pool_handle(), torch.cuda.Stream(self.device)
-                self.graphs = {"pool": pool, "stream": stream, "failed": False}
-            step = CapturedStep(step, self.device, name, self.graphs)
-        self.compiled[key] = step
-
-        def first_call(*batch):
-            began = time.perf_counter()
-            metrics = step(*batch)
-            print(f"[compile] {name}: compiled in {time.perf_counter() - began:.1f} s", flush=True)
-            return metrics
-
-        return first_call
-
-    def __getstate__(self):  # a copy (the ETA's timing probe) compiles its own update
-        return {**self.__dict__, "compiled": {}, "graphs": None}
-
-
-class CapturedStep:
-    """fn replayed from a CUDA graph: the update's few hundred kernels launched as one, the GPU no
-    longer waiting on Python (PyTorch's "whole-network capture"; LeanRL's CudaGraphModule).
-
-    fn must keep its state in place (parameters, optimizer state with capturable Adam) and read
-    its tensors from its arguments, as update_step does. The arguments are copied into buffers of
-    fixed address and layout made at the first call, so torch.compile's guards see the same
-    inputs every time (the replay buffer's batch is strided views of one tensor, which a clone
-    would not be, and a recompile inside a capture breaks it). The first calls run fn on a side
-    stream (compilation, cuDNN's autotuner and the optimizer state are set up there), one call
-    records it, every later call replays it. An agent's variants share `graphs`: one memory pool
-    (they never run at once, and SACAE.update copies their outputs out before the next replay),
-    one capture stream on the agent's GPU, and the fate of the first failed capture, after which
-    no variant tries again and each runs uncaptured.
-    """
-
-    def __init__(self, fn, device, name, graphs, warmup=3):
-        self.fn, self.device, self.name, self.graphs, self.warmup = fn, device, name, graphs, warmup
-        self.calls, self.inputs, self.graph, self.outputs = 0, None, None, None
-
-    def __call__(self, *args):
-        if self.inputs is None:
-            self.inputs = [torch.empty_like(x, memory_format=torch.contiguous_format) for x in args]
-        torch._foreach_copy_(self.inputs, list(args))
-        if self.graph is not None:
-            self.graph.replay()
-            return self.outputs
-        if self.graphs["failed"]:
-            return self.fn(*self.inputs)
-        self.calls += 1
-        stream = torch.cuda.current_stream(self.device)
-        if self.calls <= self.warmup:
-            side = torch.cuda.Stream(self.device)
-            side.wait_stream(stream)
-            with torch.cuda.stream(side), warnings.catch_warnings():
-                # Adam warns that capturable=True is slower uncaptured: these calls only warm up.
-                warnings.filterwarnings("ignore", "This instance was constructed with capturable")
-                outputs = self.fn(*self.inputs)
-            stream.wait_stream(side)
-            return outputs
-        began, graph = time.perf_counter(), torch.cuda.CUDAGraph()
-        pool, capture_stream = self.graphs["pool"], self.graphs["stream"]
-        # A recompile cannot be captured: refused by name, with the guard that failed.
-        no_recompile = torch._dynamo.config.patch(error_on_recompile=True)
-        try:
-            with no_recompile, torch.cuda.graph(graph, pool, capture_stream,
-                                                capture_error_mode="thread_local"):  # fmt: skip
-                outputs = self.fn(*self.inputs)  # recorded, not run
-        except RuntimeError as e:  # torch.AcceleratorError included
-            torch.cuda.set_stream(stream)  # a failed capture_end leaves the capture stream current
-            cause = e.__context__ or e  # the call the capture refused, if one did
-            self.graphs["failed"] = True
-            why = str(cause).splitlines()[0][:160]
-            print(f"[compile] {self.name}: CUDA-graph capture failed, so the compiled update runs "
-                  f"without CUDA graphs ({why})", flush=True)  # fmt: skip
-            return self.fn(*self.inputs)  # this call's update, uncaptured
-        self.graph, self.outputs = graph, outputs
-        print(f"[compile] {self.name}: captured in a CUDA graph in "
-              f"{time.perf_counter() - began:.1f} s", flush=True)  # fmt: skip
-        self.graph.replay()  # this call's update
-        return self.outputs
-
 
 # =================================== environment (Sec. 4.1: the DeepMind Control Suite from pixels)
-ACTION_REPEAT = {
-    "cartpole": 8,
-    "reacher": 4,
-    "cheetah": 4,
-    "finger": 2,
-    "ball_in_cup": 4,
-    "walker": 2,
-}
-DEFAULT_REPEAT = 2
+ACTION_REPEAT = dict(cartpole=8, reacher=4, cheetah=4, finger=2, ball_in_cup=4, walker=2)
+DEFAULT_REPEAT = 2  # PlaNet's benchmark, which the paper uses, names the six above
 CAMERA_ID = {"quadruped": 2}  # the default camera 0 does not follow the quadruped
 EVAL_SEED_OFFSET = 10_000  # the evaluation environment gets seed + this
 
@@ -618,32 +469,27 @@ class DMCEnv:
         self.env = load_suite().load(domain, task, task_kwargs={"random": seed})
         self.obs_type, self.image_size, self.action_repeat = obs, image_size, action_repeat
         self.camera_id = CAMERA_ID.get(domain, 0)
-        if obs == "pixels":  # MuJoCo renders offscreen into a buffer the model's XML sizes
-            visual = self.env.physics.model.vis.global_
-            if image_size > min(visual.offwidth, visual.offheight):
-                raise UsageError(
-                    f"--image-size {image_size} is larger than {domain}'s offscreen buffer "
-                    f"({visual.offwidth}x{visual.offheight}); use at most "
-                    f"{min(visual.offwidth, visual.offheight)}"
-                )
+        visual, name = self.env.physics.model.vis.global_, f"{domain}-{task}"
+        largest = min(visual.offwidth, visual.offheight)  # MuJoCo renders into a buffer this big
+        if obs == "pixels" and image_size > largest:
+            raise UsageError(
+                f"--image-size {image_size} is larger than {name}'s offscreen buffer "
+                f"({visual.offwidth}x{visual.offheight}); use at most {largest}"
+            )
         spec = self.env.action_spec()
         self.action_dim = spec.shape[0]
         self._low, self._high = spec.minimum.astype(np.float64), spec.maximum.astype(np.float64)
         self.frames = collections.deque(maxlen=frame_stack)
         self.frame_shape = (3, image_size, image_size) if obs == "pixels" else (self.state_dim,)
         self.obs_shape = (self.frame_shape[0] * frame_stack, *self.frame_shape[1:])
-        # Agent steps per episode: the time limit, in physics steps, over the action repeat.
-        if not math.isfinite(self.env._step_limit):
+        limit = self.env._step_limit  # physics steps per episode
+        if not math.isfinite(limit) or action_repeat > limit:
             raise UsageError(
-                f"{domain}-{task} has no time limit; this script needs episodes that end"
+                f"--action-repeat {action_repeat}: {name}'s episodes last {limit} "
+                "steps; this script needs episodes that end and are longer"
             )
-        if action_repeat > self.env._step_limit:
-            raise UsageError(
-                f"--action-repeat {action_repeat} is longer than {domain}-{task}'s episodes "
-                f"({round(self.env._step_limit)} steps)"
-            )
-        self.episode_env_steps = round(self.env._step_limit)
-        self.episode_length = math.ceil(self.episode_env_steps / action_repeat)
+        self.episode_env_steps = round(limit)
+        self.episode_length = math.ceil(limit / action_repeat)  # agent steps per episode
 
     def agent_steps(self, env_steps):
         """Agent steps that take env_steps environment steps (an episode's last may be short)."""
@@ -652,7 +498,7 @@ class DMCEnv:
 
     @property
     def state_dim(self):
-        return sum(int(np.prod(s.shape)) for s in self.env.observation_spec().values())
+        return sum(size for _, size in self.state_groups)
 
     @property
     def state_groups(self):
@@ -661,13 +507,11 @@ class DMCEnv:
 
     def _frame(self, time_step):
         # The true proprioceptive state, always kept: the linear probe (Fig. 6) reads it.
-        self.state = np.concatenate(
-            [np.asarray(v, np.float32).ravel() for v in time_step.observation.values()]
-        )
+        values = time_step.observation.values()
+        self.state = np.concatenate([np.asarray(v, np.float32).ravel() for v in values])
         if self.obs_type == "state":
             return self.state
-        image = self.render(self.image_size)
-        return np.ascontiguousarray(image.transpose(2, 0, 1))  # (H, W, 3) -> (3, H, W)
+        return np.ascontiguousarray(self.render(self.image_size).transpose(2, 0, 1))  # (3, H, W)
 
     def observation(self):
         return np.concatenate(self.frames, axis=0)  # k x (3, H, W) -> (3k, H, W), oldest first
@@ -718,6 +562,8 @@ class ReplayBuffer:
     t - min(j, age[t]), which repeats the first frame at the start of an episode exactly as the
     environment's stack does. A transition stays sampleable while all k+1 frames it needs are in
     the ring; the ring has room for `capacity` transitions plus their episodes' first frames.
+    The ring lives on `storage` (the training GPU when it fits there): batches are gathered where
+    it is, by index, and only the indices cross from the host.
     """
 
     def __init__(
@@ -730,59 +576,32 @@ class ReplayBuffer:
         episode_length,
         seed=0,
         device="cpu",
+        storage=None,
     ):
-        self.k, self.frame_shape, self.capacity, self.device = (
-            frame_stack,
-            tuple(frame_shape),
-            capacity,
-            device,
-        )
-        self.size = (
-            capacity + math.ceil(capacity / episode_length) + 1 + frame_stack
-        )  # slots in the ring
-        need = self.size * (
-            int(np.prod(frame_shape)) * np.dtype(frame_dtype).itemsize + 4 * (action_dim + 3)
-        )
-        available = available_memory()
-        if available is not None and need > available:
-            raise UsageError(
-                f"the replay buffer needs {need / 2**30:.1f} GiB for {capacity:,} transitions "
-                f"but only {available / 2**30:.1f} GiB is free; lower --buffer-size "
-                "(--total-steps with --resume)"
-            )
-        try:
-            self.frames = np.empty((self.size, *frame_shape), dtype=frame_dtype)
-            self.action = np.empty((self.size, action_dim), dtype=np.float32)
-            self.reward = np.empty(self.size, dtype=np.float32)
-            self.not_done = np.empty(self.size, dtype=np.float32)
-            self.age = np.empty(self.size, dtype=np.int32)
-        except MemoryError:
-            raise UsageError(
-                f"cannot allocate {need / 2**30:.1f} GiB for the replay buffer; lower "
-                "--buffer-size (--total-steps with --resume)"
-            ) from None
+        self.k, self.frame_shape, self.capacity = frame_stack, tuple(frame_shape), capacity
+        self.device = torch.device(device)
+        self.storage = torch.device(storage or device)
+        self.size = capacity + math.ceil(capacity / episode_length) + 1 + frame_stack  # slots
+        frame_bytes = math.prod(frame_shape) * frame_dtype.itemsize
+        self.nbytes = self.size * (frame_bytes + 4 * (action_dim + 3))
+        self.frames = torch.empty((self.size, *frame_shape), dtype=frame_dtype, device=self.storage)
+        self.scalars = torch.empty(
+            (self.size, action_dim + 2), device=self.storage
+        )  # a, r, not-done
+        self.age = np.zeros(self.size, np.int32)  # on the host: sampling reads it there
         self.t = 0  # slots ever written; slot t lives at index t % size
-        self.has_transition = False
         self.rng = np.random.default_rng(seed)
-        self.pin = device.type == "cuda"
-
-    @property
-    def nbytes(self):
-        return sum(
-            a.nbytes for a in (self.frames, self.action, self.reward, self.not_done, self.age)
-        )
 
     @property
     def bytes_per_transition(self):
         return self.nbytes / self.capacity
 
-    def _write(self, frame, age, action=None, reward=0.0, not_done=0.0):
+    def _write(self, frame, age, scalars=None):
         i = self.t % self.size
-        self.frames[i] = frame
-        self.age[i] = age
-        if action is not None:
-            self.action[i], self.reward[i], self.not_done[i] = action, reward, not_done
-        self.t += 1
+        self.frames[i].copy_(torch.from_numpy(frame), non_blocking=True)  # no wait on the GPU
+        if scalars is not None:
+            self.scalars[i].copy_(torch.from_numpy(scalars), non_blocking=True)
+        self.age[i], self.t = age, self.t + 1
 
     def add_first(self, obs):
         """The first observation of an episode: keep its newest frame."""
@@ -790,14 +609,10 @@ class ReplayBuffer:
 
     def add(self, action, reward, not_done, next_obs):
         """A transition: keep the newest frame of next_obs; obs is already in the ring."""
+        scalars = np.array([*action, reward, not_done], np.float32)
         self._write(
-            next_obs[-self.frame_shape[0] :],
-            self.age[(self.t - 1) % self.size] + 1,
-            action,
-            reward,
-            not_done,
+            next_obs[-self.frame_shape[0] :], self.age[(self.t - 1) % self.size] + 1, scalars
         )
-        self.has_transition = True
 
     def _valid(self, t):
         """Slots that are transitions whose every frame is still in the ring."""
@@ -806,7 +621,8 @@ class ReplayBuffer:
 
     def sample_slots(self, n):
         """n transition slots, uniformly with replacement over the valid ones (by rejection)."""
-        if not self.has_transition:  # once there is one, the newest is always valid: the loop ends
+        valid = self._valid(np.arange(max(0, self.t - self.size), self.t)).any()
+        if not self.t or not valid:
             raise RuntimeError("the replay buffer holds no transition yet")
         picked = []
         while sum(len(x) for x in picked) < n:
@@ -816,92 +632,22 @@ class ReplayBuffer:
 
     def get(self, t):
         """Transitions at slots t: (obs, action, reward, next_obs, not_done), tensors on device."""
-        i = t % self.size
-        back = np.minimum(np.arange(self.k + 1)[None], self.age[i][:, None])  # (B, k+1) steps back
-        frames = torch.from_numpy(
-            self.frames[(t[:, None] - back) % self.size]
-        )  # (B, k+1, C, H, W), newest first
-        scalars = torch.from_numpy(
-            np.concatenate([self.action[i], self.reward[i, None], self.not_done[i, None]], axis=1)
-        )
-        if self.pin:
-            frames, scalars = frames.pin_memory(), scalars.pin_memory()
-        frames = frames.to(self.device, non_blocking=True).flip(1)  # oldest first
-        scalars = scalars.to(self.device, non_blocking=True)
-        b = len(t)
+        b, i = len(t), t % self.size
+        back = np.minimum(np.arange(self.k, -1, -1)[None], self.age[i][:, None])  # oldest first
+        index = torch.from_numpy(np.concatenate([((t[:, None] - back) % self.size).ravel(), i]))
+        index = index.to(self.storage, non_blocking=True)
+        frames, scalars = self.frames[index[:-b]], self.scalars[index[-b:]]
+        if self.storage != self.device:  # a ring kept in host memory: pinned, then copied over
+            frames, scalars = (
+                x.pin_memory().to(self.device, non_blocking=True) for x in (frames, scalars)
+            )
+        frames = frames.view(b, self.k + 1, *self.frame_shape)  # (B, k+1, C, H, W)
         obs = frames[:, : self.k].reshape(b, -1, *self.frame_shape[1:])  # (B, k*C, H, W)
         next_obs = frames[:, 1:].reshape(b, -1, *self.frame_shape[1:])
         return obs, scalars[:, :-2], scalars[:, -2:-1], next_obs, scalars[:, -1:]
 
     def sample(self, n):
         return self.get(self.sample_slots(n))
-
-    # Checkpoints store the ring as append-only chunk files, each slot written once: a checkpoint
-    # writes only the slots added since the previous one.
-    def save_chunk(self, folder, start):
-        """Write slots [start, t) that are still in the ring to folder/replay_{start}_{t}.npz."""
-        start = max(start, self.t - self.size)
-        if start >= self.t:
-            return
-        i = np.arange(start, self.t) % self.size
-        path = os.path.join(folder, f"replay_{start:012d}_{self.t:012d}.npz")
-        with atomic_write(path) as f:
-            np.savez(
-                f,
-                frames=self.frames[i],
-                action=self.action[i],
-                reward=self.reward[i],
-                not_done=self.not_done[i],
-                age=self.age[i],
-            )
-
-    def load_chunks(self, folder, t):
-        """Refill the ring as it was when t slots had been written."""
-        self.t, need = t, max(0, t - self.size)
-        for start, end, path in replay_chunks(folder):
-            lo, hi = max(start, need), min(end, t)
-            if lo >= hi:
-                continue
-            if lo != need:
-                raise UsageError(f"replay chunk missing for slots {need}..{lo} in {folder}")
-            try:
-                with np.load(path) as chunk:
-                    i, part = np.arange(lo, hi) % self.size, slice(lo - start, hi - start)
-                    self.frames[i], self.action[i], self.reward[i] = (
-                        chunk["frames"][part],
-                        chunk["action"][part],
-                        chunk["reward"][part],
-                    )
-                    self.not_done[i], self.age[i] = chunk["not_done"][part], chunk["age"][part]
-            except Exception as e:
-                raise UsageError(
-                    f"replay chunk {path} is unreadable "
-                    f"({e.__class__.__name__}: truncated or corrupt)"
-                ) from None
-            need = hi
-        if need != t:
-            raise UsageError(
-                f"replay chunks in {folder} end at slot {need}, the checkpoint needs {t}"
-            )
-        self.has_transition = bool(
-            (self.age[np.arange(max(0, t - self.size), t) % self.size] > 0).any()
-        )
-
-
-def replay_chunks(folder):
-    """(start, end, path) of the replay chunk files in folder, in order."""
-    found = [re.fullmatch(r"replay_(\d+)_(\d+)\.npz", name) for name in os.listdir(folder)]
-    return sorted((int(m[1]), int(m[2]), os.path.join(folder, m[0])) for m in found if m)
-
-
-def available_memory():
-    """Bytes the kernel says a new allocation can have (Linux), else None."""
-    try:
-        with open("/proc/meminfo") as f:
-            info = dict(line.split(":", 1) for line in f)
-        return int(info["MemAvailable"].split()[0]) * 1024
-    except (OSError, KeyError, ValueError):
-        return None
 
 
 # ======================================================================================= evaluation
@@ -910,16 +656,15 @@ def evaluate(env, agent, episodes, video_path=None, probe=False, stop=None):
 
     Returns the episode returns and, with probe=True, the critic's latent and the true state of
     every visited observation, and one observation from the first episode to reconstruct; None
-    as soon as `stop` (the training loop's record of signals) is not empty.
+    as soon as `stop` (the training loop's signal flag) is set.
     """
     returns, frames, latents, states, sample = [], [], [], [], None
     for episode in range(episodes):
         obs, done, total, t = env.reset(), False, 0.0, 0
-        record = video_path is not None and episode == 0
         while not done:
             if stop:
                 return None
-            if record:
+            if video_path and episode == 0:
                 frames.append(env.render(256))
             if probe:
                 latents.append(agent.latent(obs))
@@ -933,92 +678,42 @@ def evaluate(env, agent, episodes, video_path=None, probe=False, stop=None):
         import imageio
 
         imageio.mimsave(video_path, frames, fps=30)
-    return (
-        returns,
-        (np.stack(latents) if probe else None),
-        (np.stack(states) if probe else None),
-        sample,
-    )
+    if probe:
+        latents, states = np.stack(latents), np.stack(states)
+    return returns, latents, states, sample
 
 
 def linear_probe(latents, states, groups):
     """Fig. 6: least-squares map latent -> true state fitted on the first half of the frames, R^2 on
     the second half. R^2 is per state dimension, averaged over dimensions (those that vary), overall
-    and per group of the task's observations; NaN with fewer than 4 frames per coefficient in the
-    fitting half. Returns {"probe_r2": .., "probe_r2_<group>": ..}."""
+    and per group of the task's observations (position, velocity, ...); NaN with fewer than 4
+    frames per coefficient in the fitting half, or where no dimension varies."""
     n = len(latents) // 2
-    x = np.concatenate([latents, np.ones((len(latents), 1))], axis=1).astype(
-        np.float64
-    )  # with a bias
+    x = np.concatenate([latents, np.ones((len(latents), 1))], axis=1).astype(np.float64)  # bias
     y = states.astype(np.float64)
-    if n < 4 * x.shape[1]:  # too few frames: the fit would memorise them and R^2 mean nothing
-        return {
-            "probe_r2": float("nan"),
-            **{f"probe_r2_{name}": float("nan") for name, _ in groups},
-        }
-    weights, *_ = np.linalg.lstsq(x[:n], y[:n], rcond=None)
-    residual = ((y[n:] - x[n:] @ weights) ** 2).sum(0)
-    total = ((y[n:] - y[n:].mean(0)) ** 2).sum(0)
-    varies = total > 1e-12
-    r2 = np.where(varies, 1 - residual / np.where(varies, total, 1), np.nan)
-    out, start = {"probe_r2": float(np.nanmean(r2)) if varies.any() else float("nan")}, 0
-    for name, size in groups:
-        part = r2[start : start + size]
-        out[f"probe_r2_{name}"] = (
-            float(np.nanmean(part)) if np.isfinite(part).any() else float("nan")
-        )
-        start += size
-    return out
+    r2 = np.full(y.shape[1], np.nan)
+    if n >= 4 * x.shape[1]:  # else the fit would memorise its frames and R^2 mean nothing
+        weights, *_ = np.linalg.lstsq(x[:n], y[:n], rcond=None)
+        residual = ((y[n:] - x[n:] @ weights) ** 2).sum(0)
+        total = ((y[n:] - y[n:].mean(0)) ** 2).sum(0)
+        varies = total > 1e-12
+        r2[varies] = 1 - residual[varies] / total[varies]
+    ends = np.cumsum([0] + [size for _, size in groups])
+    parts = {"": r2, **{"_" + name: r2[a:b] for (name, _), a, b in zip(groups, ends, ends[1:])}}
+    with warnings.catch_warnings():  # the mean of no finite value is NaN, as meant
+        warnings.simplefilter("ignore", RuntimeWarning)
+        return {f"probe_r2{key}": float(np.nanmean(part)) for key, part in parts.items()}
 
 
 def reconstruction_image(obs, recon, frame_channels=3):
     """(k*3, H, W) uint8 observation and its reconstruction in [-0.5, 0.5] -> one (2H, kW, 3) uint8
     picture: the k stacked frames on top, their reconstructions below."""
     rebuilt = np.clip((recon + 0.5) * 255.0, 0, 255).round().astype(np.uint8)
-    rows = [
-        np.concatenate(
-            [
-                im[i : i + frame_channels].transpose(1, 2, 0)
-                for i in range(0, len(im), frame_channels)
-            ],
-            1,
-        )
-        for im in (obs, rebuilt)
-    ]
-    return np.concatenate(rows, axis=0)
+    rows = [im.reshape(-1, frame_channels, *im.shape[1:]) for im in (obs, rebuilt)]  # (k, 3, H, W)
+    return np.concatenate([np.concatenate(list(r.transpose(0, 2, 3, 1)), 1) for r in rows], 0)
 
 
 # ==================================================================================== training loop
-class CSVLog:
-    """Append rows to a CSV file, writing the header once and flushing every row."""
-
-    def __init__(self, path, fields):
-        self.fields = fields
-        self.file = open(path, "a", newline="")
-        self.writer = csv.DictWriter(self.file, fieldnames=fields, extrasaction="ignore")
-        if self.file.tell() == 0:
-            self.writer.writeheader()
-
-    def write(self, row):
-        self.writer.writerow(
-            {k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()}
-        )
-        self.file.flush()
-
-    def close(self):
-        self.file.close()
-
-
-EVAL_FIELDS = [
-    "env_step",
-    "agent_step",
-    "episode_return_mean",
-    "episode_return_std",
-    "episode_return_min",
-    "episode_return_max",
-    "episodes",
-    "wall_time",
-]
 METRICS = [
     "critic_loss",
     "q",
@@ -1030,6 +725,8 @@ METRICS = [
     "recon_loss",
     "kl",
 ]
+RETURNS = [f"episode_return_{k}" for k in ("mean", "std", "min", "max")]
+EVAL_FIELDS = ["env_step", "agent_step", *RETURNS, "episodes", "wall_time"]
 TRAIN_FIELDS = [
     "env_step",
     "agent_step",
@@ -1041,10 +738,7 @@ TRAIN_FIELDS = [
     "fps",
     "wall_time",
 ]
-
-
-# CleanRL's names, so its users find the curves where they expect them.
-TENSORBOARD_TAGS = {
+TENSORBOARD_TAGS = {  # CleanRL's names, so its users find the curves where they expect them
     "charts/episodic_return": "episode_return",
     "charts/SPS": "fps",
     "losses/qf_loss": "critic_loss",
@@ -1057,154 +751,244 @@ TENSORBOARD_TAGS = {
 }
 
 
-def duration(seconds):
-    seconds = int(seconds)
-    if seconds >= 86400:
-        return f"{seconds // 86400}d{seconds % 86400 // 3600:02d}h"
-    if seconds >= 3600:
-        return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
-    return f"{seconds // 60}m{seconds % 60:02d}s"
+@dataclasses.dataclass
+class State:
+    """Where a run stands. With the networks, the replay buffer, both environments and the random
+    generators, it is all that a checkpoint keeps; what is due next is a formula of it."""
+
+    env_step: int = 0
+    agent_step: int = 0
+    updates: int = 0
+    episode: int = 0
+    episode_return: float = 0.0
+    episode_env_steps: int = 0
+    last_eval: int = -1  # env step of the last completed evaluation
+    last_checkpoint: int = 0
+    wall_time: float = 0.0  # seconds the run has taken, up to its last checkpoint
+    action: np.ndarray = None  # this agent step's action, chosen before its updates
+
+    def advance(self, reward, env_steps):
+        self.agent_step, self.env_step = self.agent_step + 1, self.env_step + env_steps
+        self.episode_return += reward
+        self.episode_env_steps += env_steps
+        self.action = None
 
 
-def pick_device(name):
-    """torch.device for --device, and the GPU numerics: true float32 (TF32 off, as the authors'
-    pre-Ampere GPUs computed; --precision bf16 is the fast mode) and cuDNN's autotuner, which picks
-    the fastest kernels for the fixed shapes (so GPU runs are not bit-identical, see README)."""
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(name)
-    if device.type == "cuda":
-        if device.index is not None:  # cuda:N: streams, CUDA graphs and new tensors go there
-            torch.cuda.set_device(device)
-        torch.backends.cuda.matmul.allow_tf32 = False
-        torch.backends.cudnn.allow_tf32 = False
-        torch.backends.cudnn.benchmark = True
-    return device
+def updates_due(agent_step, args):
+    """Updates run once agent step t's are: none before --init-steps, a burst of --init-updates at
+    it (authors' code), then one per agent step."""
+    return 0 if agent_step < args.init_steps else args.init_updates + agent_step - args.init_steps
 
 
-def render_on_training_gpu(device_name):
-    """Point dm_control's EGL at the GPU that trains: the EGL device that says it is that CUDA
-    device. EGL lists GPUs in its own order (not CUDA's, nor nvidia-smi's) and may or may not
-    drop those CUDA_VISIBLE_DEVICES hides, so no index arithmetic is right everywhere. A value
-    the user set is left alone; where no EGL device says which GPU it is, EGL chooses."""
-    if os.environ.get("MUJOCO_GL") != "egl" or "MUJOCO_EGL_DEVICE_ID" in os.environ:
-        return
-    if device_name == "cpu" or not torch.cuda.is_available():
-        return
-    index = int(device_name.partition(":")[2] or 0)  # cuda:N, as this process numbers GPUs
-    cuda_of_egl = egl_devices_cuda_index()
-    if index in cuda_of_egl:
-        os.environ["MUJOCO_EGL_DEVICE_ID"] = str(cuda_of_egl.index(index))
+def train(args):
+    """The training loop (the authors' train.py): act, update, step the environment, store."""
+    with stop_on_signal() as stop, Run(args) as run, progress(run):
+        s, agent, env, replay = run.state, run.agent, run.env, run.replay
+        while s.env_step < args.total_steps and not stop:
+            run.evaluate_if_due(stop)  # at env step 0 and every --eval-freq
+            if stop:  # the evaluation was cut short: the checkpoint keeps it to redo
+                break
+            run.checkpoint_if_due()  # every --checkpoint-freq
+            # Act: uniform random for the first --init-steps agent steps, then sample the policy.
+            if s.action is None:
+                explore = s.agent_step < args.init_steps
+                s.action = run.random_action() if explore else agent.act(run.obs)
+            # Update: all due by this agent step, a burst of --init-updates at --init-steps
+            # (authors' code), then one per step. A signal stops them within one update.
+            while s.updates < updates_due(s.agent_step, args) and not stop:
+                metrics = agent.update(replay.sample(args.batch_size), s.agent_step)
+                run.metrics.add(s.agent_step, metrics)
+                s.updates += 1
+            if stop:
+                break
+            # Step the environment with the action chosen before the updates; store the newest
+            # frame, action, reward and not-done.
+            run.obs, reward, not_done, done, env_steps = env.step(s.action)
+            replay.add(s.action, reward, not_done, run.obs)
+            s.advance(reward, env_steps)
+            if done:
+                run.log_episode()  # train.csv, TensorBoard; a NaN loss stops the run here
+                run.obs = env.reset()
+                replay.add_first(run.obs)
+        return run.finish(stop)
 
 
-def egl_devices_cuda_index():
-    """For each EGL device in EGL's order, the CUDA device it is (as this process numbers them,
-    EGL_NV_device_cuda), or None where the driver does not say (Mesa); [] without libEGL. Plain
-    ctypes: importing dm_control's EGL module would open its display before we choose one."""
-    try:  # libOpenGL first, globally, as dm_control loads it (NVIDIA's threads need it so)
-        ctypes.CDLL(ctypes.util.find_library("OpenGL") or "libOpenGL.so.0", ctypes.RTLD_GLOBAL)
-    except OSError:
-        pass
-    try:
-        egl = ctypes.CDLL(ctypes.util.find_library("EGL") or "libEGL.so.1")
-    except OSError:
-        return []
-    egl.eglGetProcAddress.restype = ctypes.c_void_p
-    egl.eglGetProcAddress.argtypes = [ctypes.c_char_p]
-    devices_fn = egl.eglGetProcAddress(b"eglQueryDevicesEXT")
-    attrib_fn = egl.eglGetProcAddress(b"eglQueryDeviceAttribEXT")
-    if not devices_fn or not attrib_fn:
-        return []
-    p, i32 = ctypes.POINTER, ctypes.c_int32  # EGLBoolean and EGLint are 32-bit
-    query_devices = ctypes.CFUNCTYPE(i32, i32, p(ctypes.c_void_p), p(i32))(devices_fn)
-    query_attrib = ctypes.CFUNCTYPE(i32, ctypes.c_void_p, i32, p(ctypes.c_ssize_t))(attrib_fn)
-    devices, count = (ctypes.c_void_p * 64)(), i32(0)
-    if not query_devices(64, devices, ctypes.byref(count)):
-        return []
-    found = []
-    for device in devices[: count.value]:
-        cuda = ctypes.c_ssize_t(-1)
-        ok = query_attrib(device, 0x323A, ctypes.byref(cuda))  # EGL_CUDA_DEVICE_NV
-        found.append(cuda.value if ok else None)
-    egl.eglGetError()  # clear the error a device without the attribute left for dm_control
-    return found
+class Run:
+    """A run's parts: its environments, agent, replay buffer, logs and State. A new run writes
+    config.json; --resume restores every part from the run folder's latest checkpoint."""
 
-
-def seed_everything(seed):
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
-def versions():
-    import importlib.metadata as md
-
-    out = {"python": sys.version.split()[0], "torch": torch.__version__, "numpy": np.__version__}
-    for pkg in ("dm_control", "mujoco"):
+    def __init__(self, args):
+        self.args, self.device = args, pick_device(args.device)
+        seed_everything(args.seed)
+        self.action_rng = np.random.default_rng(args.seed)  # the uniform actions of --init-steps
+        kw = dict(
+            obs=args.obs,
+            image_size=args.image_size,
+            frame_stack=args.frame_stack,
+            action_repeat=args.action_repeat,
+        )
+        self.env = DMCEnv(args.domain, args.task, args.seed, **kw)
+        self.eval_env = DMCEnv(args.domain, args.task, args.seed + EVAL_SEED_OFFSET, **kw)
+        self.obs = self.env.reset()  # renders: a GL failure shows here, before the run folder
+        if args.save_video:
+            self.eval_env.render(8)  # a state run renders its videos only: the same check
+        # --buffer-size, or fewer if the run has fewer agent steps (a resume that extends the run
+        # grows the ring to what an uninterrupted run of that length would have had).
+        capacity = min(args.buffer_size, self.env.agent_steps(args.total_steps))
+        self.replay = replay_buffer(self.env, capacity, args.seed, self.device)
+        self.agent = SACAE(self.env.obs_shape, self.env.action_dim, self.device, args)
+        self.state, self.metrics = State(), EpisodeMetrics(self.device)
+        self.held = contextlib.ExitStack()  # the logs and the folder's lock, closed at the end
         try:
-            out[pkg] = md.version(pkg)
-        except md.PackageNotFoundError:
-            out[pkg] = None
-    return out
+            self.logs = open_run_folder(self)  # below the banner: new, or from a checkpoint
+        except BaseException:
+            self.held.close()
+            raise
+        self.start = time.time() - self.state.wall_time
+        self.clock = (time.perf_counter(), self.state.env_step)  # for fps
 
+    def __enter__(self):
+        return self
 
-def time_one_update(agent, obs_shape, action_dim, batch_size, device):
-    """Seconds per update, timed on a throwaway copy of the agent (the run's RNG is untouched)."""
-    probe = copy.deepcopy(agent)
-    probe.args = argparse.Namespace(**{**vars(agent.args), "compile": False})  # no compile wait
-    probe.set_capturable(False)
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        obs = torch.zeros(
-            (batch_size, *obs_shape),
-            dtype=torch.uint8 if len(obs_shape) == 3 else torch.float32,
-            device=device,
+    def __exit__(self, kind, error, traceback):
+        with contextlib.suppress(OSError):  # a full disk fails the closing too: reported already
+            self.held.close()
+        if isinstance(error, NonFiniteError) and "action" in str(error):
+            self.metrics.means()  # raises for the NaN or inf loss that came first, if one did
+
+    def path(self, *parts):
+        return os.path.join(self.args.out_dir, *parts)
+
+    def random_action(self):
+        return self.action_rng.uniform(-1.0, 1.0, self.env.action_dim).astype(np.float32)
+
+    def evaluate_if_due(self, stop):
+        """At env step 0, every --eval-freq and at the end: eval.csv, TensorBoard, the linear probe
+        (Fig. 6) and a reconstruction. A signal cuts it short, to be redone on resume."""
+        s, args, agent, tb = self.state, self.args, self.agent, self.logs["tb"]
+        end = s.env_step >= args.total_steps and s.last_eval != s.env_step
+        if s.env_step // args.eval_freq <= s.last_eval // args.eval_freq and not end:
+            return
+        began, before, pixels = (
+            time.perf_counter(),
+            self.eval_env.state_dict(),
+            args.obs == "pixels",
         )
-        batch = (
-            obs,
-            torch.zeros(batch_size, action_dim, device=device),
-            torch.zeros(batch_size, 1, device=device),
-            obs,
-            torch.ones(batch_size, 1, device=device),
+        video = self.path("video", f"eval_{s.env_step}.mp4") if args.save_video else None
+        agent.train(False)
+        result = evaluate(self.eval_env, agent, args.eval_episodes, video, pixels, stop)
+        agent.train(True)
+        if result is None:  # cut short by a signal: as if it had not begun
+            self.eval_env.load_state_dict(before)
+            return
+        returns, latents, states, sample = result
+        stats = [np.mean(returns), np.std(returns), np.min(returns), np.max(returns)]
+        row = {
+            "env_step": s.env_step,
+            "agent_step": s.agent_step,
+            "episodes": len(returns),
+            **dict(zip(RETURNS, map(float, stats))),
+            "wall_time": time.time() - self.start,
+        }
+        if pixels:
+            row.update(linear_probe(latents, states, self.eval_env.state_groups))
+            tb.add_scalar("eval/probe_r2", row["probe_r2"], s.env_step)
+        if agent.decoder is not None and sample is not None:
+            picture = reconstruction_image(sample, agent.reconstruct(sample))
+            write_png(self.path("recon", f"eval_{s.env_step}.png"), picture)
+            tb.add_image("eval/reconstruction", picture, s.env_step, dataformats="HWC")
+        self.logs["eval.csv"].write(row)
+        tb.add_scalar("eval/return", row["episode_return_mean"], s.env_step)
+        tb.flush()
+        s.last_eval = s.env_step
+        steps = args.eval_episodes * self.eval_env.episode_env_steps
+        probe = f" | probe R^2 {row['probe_r2']:.2f}" if pixels else ""
+        say(
+            f"[eval] env_step {s.env_step} (agent {s.agent_step}) | return {stats[0]:.1f} +- "
+            f"{stats[1]:.1f} over {len(returns)} episodes{probe} | "
+            f"fps {steps / (time.perf_counter() - began):.0f}"
         )
-        times = []
-        for step in range(4):  # the first includes one-off setup; even and odd steps differ
-            start = time.perf_counter()
-            probe.update(batch, step)
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            times.append(time.perf_counter() - start)
-    return sum(times[2:]) / 2
 
+    def checkpoint_if_due(self):
+        if self.state.env_step // self.args.checkpoint_freq > (
+            self.state.last_checkpoint // self.args.checkpoint_freq
+        ):
+            self.checkpoint()
 
-def time_env_steps(args, env_kwargs, steps=5):
-    """Seconds per environment step (physics and rendering), on a throwaway copy of the task."""
-    env = DMCEnv(args.domain, args.task, args.seed, **env_kwargs)
-    env.reset()
-    start, done = time.perf_counter(), 0
-    for _ in range(steps):
-        done += env.step(np.zeros(env.action_dim))[4]
-    return (time.perf_counter() - start) / done
+    def checkpoint(self):
+        self.state.last_checkpoint = self.state.env_step
+        self.state.wall_time = time.time() - self.start
+        return save_checkpoint(self)  # below the banner
+
+    def log_episode(self):
+        """The episode's row: its return and length, and the mean of each metric over its updates
+        (which raises, naming it, if one is NaN or inf)."""
+        s, (began, from_step), now = self.state, self.clock, time.perf_counter()
+        fps = (s.env_step - from_step) / (now - began)  # this process's steps, evaluations too
+        row = {
+            "env_step": s.env_step,
+            "agent_step": s.agent_step,
+            "episode": s.episode,
+            "episode_return": s.episode_return,
+            "episode_length": s.episode_env_steps,
+            "updates": s.updates,
+            **self.metrics.means(),
+            "fps": fps,
+            "wall_time": time.time() - self.start,
+        }
+        self.logs["train.csv"].write(row)
+        for tag, key in TENSORBOARD_TAGS.items():
+            if key in row:
+                self.logs["tb"].add_scalar(tag, row[key], s.env_step)
+        say(
+            f"[train] env_step {s.env_step} (agent {s.agent_step}) | episode {s.episode} | "
+            f"return {s.episode_return:.1f} | fps {fps:.1f}"
+        )
+        s.episode, s.episode_return, s.episode_env_steps = s.episode + 1, 0.0, 0
+        self.metrics.clear()
+        self.clock = (now, s.env_step)
+
+    def finish(self, stop):
+        """With a signal: a checkpoint, and how to resume. Else the final evaluation, a checkpoint,
+        the row of an episode that --total-steps cut (after the checkpoint: a resume that extends
+        the run truncates it and logs that episode whole), and model.pt."""
+        if not stop:
+            self.evaluate_if_due(stop)
+        path = self.checkpoint()
+        if stop:
+            say(
+                f"[stopped] {stop.name}: checkpoint {path}; resume with: python {sys.argv[0]} "
+                f"--resume {self.args.out_dir}"
+            )
+            return 128 + stop.signum
+        if self.state.episode_env_steps:
+            self.log_episode()
+        export_model(self)
+        say(
+            f"[done] {self.state.env_step} environment steps in "
+            f"{time.time() - self.start:.0f} s; weights in {self.path('model.pt')}"
+        )
+        return 0
 
 
 class EpisodeMetrics:
     """The update metrics of one training episode, kept on the device until its one host sync.
 
-    Each update writes one row of a preallocated table. (Keeping each update's metrics as tensors
+    Each update writes one row of a preallocated table: keeping each update's metrics as tensors
     of their own, a few bytes each, pinned the allocator's heap between the batch's large
-    buffers: resident memory grew about 3 MB per update at batch 128 on CPU.)
+    buffers, and resident memory grew with every update.
     """
 
-    def __init__(self, device, names=None):
-        self.names = names or METRICS
-        self.table = torch.zeros(64, len(self.names), device=device)
+    def __init__(self, device):
+        self.table = torch.zeros(64, len(METRICS), device=device)
         self.steps, self.present, self.columns = [], [], {}
 
     def add(self, step, metrics):
         if len(self.steps) == len(self.table):  # grow by doubling: rare allocations
             self.table = torch.cat([self.table, torch.zeros_like(self.table)])
-        names = tuple(n for n in self.names if n in metrics)
+        names = tuple(n for n in METRICS if n in metrics)
         if names not in self.columns:  # an index tensor on the device, made once per set of names
-            index = [self.names.index(n) for n in names]
+            index = [METRICS.index(n) for n in names]
             self.columns[names] = torch.tensor(index, device=self.table.device)
         row = torch.stack([metrics[n].float() for n in names])
         self.table[len(self.steps)].index_copy_(0, self.columns[names], row)
@@ -1215,7 +999,7 @@ class EpisodeMetrics:
         """Each metric's mean over the episode's updates. Raises NonFiniteError naming the first
         NaN or inf loss and the agent step it appeared at."""
         values, means = self.table[: len(self.steps)].cpu(), {}
-        for j, name in enumerate(self.names):
+        for j, name in enumerate(METRICS):
             rows = [i for i, names in enumerate(self.present) if name in names]
             if not rows:
                 continue
@@ -1232,372 +1016,60 @@ class EpisodeMetrics:
         self.steps, self.present = [], []
 
     def state_dict(self):
-        return {
-            "steps": self.steps,
-            "present": self.present,
-            "values": self.table[: len(self.steps)].cpu(),
-        }
+        values = self.table[: len(self.steps)].cpu()
+        return {"steps": self.steps, "present": self.present, "values": values}
 
     def load_state_dict(self, state):
         self.clear()
         values = state["values"].to(self.table.device)  # a checkpoint's rows are on the CPU
         for step, names, row in zip(state["steps"], state["present"], values):
-            self.add(step, {n: row[self.names.index(n)] for n in names})
+            self.add(step, {n: row[METRICS.index(n)] for n in names})
 
 
-def updates_left(agent_step, total_agent_steps, init_steps, init_updates):
-    """Updates still to run at agent steps agent_step, agent_step + 1, ...: none before init_steps,
-    init_updates at it (the authors' burst), then one per agent step."""
-    left = max(0, total_agent_steps - max(agent_step, init_steps))
-    if agent_step <= init_steps < total_agent_steps:
-        left += init_updates - 1
-    return left
+class CSVLog:
+    """Append rows to a CSV file, writing the header once and flushing every row."""
+
+    def __init__(self, path, fields):
+        self.file = open(path, "a", newline="")
+        self.writer = csv.DictWriter(self.file, fieldnames=fields, extrasaction="ignore")
+        if self.file.tell() == 0:
+            self.writer.writeheader()
+
+    def write(self, row):
+        self.writer.writerow({k: f"{v:.6g}" if isinstance(v, float) else v for k, v in row.items()})
+        self.file.flush()
 
 
-class Clock:
-    """Seconds and environment steps of one kind of work, for fps and the ETA."""
-
-    def __init__(self):
-        self.seconds, self.steps = 0.0, 0
-
-    def add(self, seconds, steps):
-        self.seconds, self.steps = self.seconds + seconds, self.steps + steps
-
-    @property
-    def fps(self):
-        return self.steps / self.seconds if self.seconds > 0 else float("nan")
-
-
-def train(args):
-    device = pick_device(args.device)
-    stop = {}  # the signals received: the first asks for a checkpoint, a second to leave at once
-    critical = []  # non-empty while a checkpoint or model.pt is written: a second signal waits
-
-    def on_signal(signum, frame):
-        if stop and not critical:
-            raise Interrupted(signum)
-        if stop:
-            stop["again"] = signum
-            return
-        stop["signum"] = signum
-        print(
-            f"[signal] {signal.Signals(signum).name}: finishing this update or step (an "
-            "evaluation under way is left to redo on resume), then writing a checkpoint (send it "
-            "again to quit without one)",
-            flush=True,
-        )
-
-    handlers = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        with contextlib.ExitStack() as held:  # the run folder's lock, released on the way out
-            return train_loop(args, device, stop, critical, held)
-    finally:
-        for s, h in handlers.items():
-            signal.signal(s, h)
+def pick_device(name):
+    """torch.device for --device, and the GPU numerics: true float32 (TF32 off, as the authors'
+    pre-Ampere GPUs computed; --precision bf16 is the fast mode) and cuDNN's autotuner, which picks
+    the fastest kernels for the fixed shapes (so GPU runs are not bit-identical, see README)."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(name)
+    if device.type == "cuda":
+        if device.index is not None:  # cuda:N: streams, CUDA graphs and new tensors go there
+            torch.cuda.set_device(device)
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+        torch.backends.cudnn.benchmark = True
+    return device
 
 
-def lock_run_folder(run_dir, held):
-    """An exclusive lock (flock) on the run folder for as long as this process writes it: a second
-    run or resume of the same folder is refused instead of interleaving their files."""
-    try:
-        import fcntl
-    except ImportError:  # not on a POSIX system: no lock
-        return
-    fd = os.open(run_dir, os.O_RDONLY)
-    held.callback(os.close, fd)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        raise UsageError(
-            f"{run_dir} is being written by another sac_ae.py process; wait for it to end or "
-            "stop it"
-        ) from None
-    except OSError as e:  # NFS, Lustre, some FUSE: no flock on a folder
-        print(f"[lock] cannot lock {run_dir} ({e.strerror}): nothing stops a second process "
-              "from writing into it", flush=True)  # fmt: skip
+def seed_everything(seed):
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
 
 
-@contextlib.contextmanager
-def signals_held(stop, critical):
-    """Finish what is in the block even if a second signal arrives meanwhile; act on it after."""
-    critical.append(True)
-    try:
-        yield
-    finally:
-        critical.pop()
-    if "again" in stop:
-        raise Interrupted(stop["again"])
+# ##################################################################################################
+# SAC+AE ends here: all of it, the training loop included, is above. Below: the run-keeping that
+# wraps the loop (run folder, checkpoints and resume, signals, progress), the flags and their
+# checks, --compile's CUDA graphs, --benchmark, --plot, and main(), the one error boundary.
+# ##################################################################################################
+class UsageError(ValueError):
+    """A user mistake: reported as one line and exit status 2."""
 
 
-def train_loop(args, device, stop, critical, held):
-    seed_everything(args.seed)
-    action_rng = np.random.default_rng(args.seed)  # the uniform actions of the first --init-steps
-    env_kwargs = dict(obs=args.obs, image_size=args.image_size, frame_stack=args.frame_stack,
-                      action_repeat=args.action_repeat)  # fmt: skip
-    env = DMCEnv(args.domain, args.task, args.seed, **env_kwargs)
-    eval_env = DMCEnv(args.domain, args.task, args.seed + EVAL_SEED_OFFSET, **env_kwargs)
-    obs = env.reset()  # renders once: a GL failure shows here, before the run folder exists
-    if args.save_video and args.obs == "state":
-        eval_env.render(8)  # a state run renders its videos: the same check
-    repeat, pixels = args.action_repeat, args.obs == "pixels"
-    # --buffer-size, or fewer if the run has fewer agent steps (recomputed when a resume extends
-    # it: the ring then grows to what an uninterrupted run of that length would have had).
-    capacity = min(args.buffer_size, env.agent_steps(args.total_steps))
-    buffer = ReplayBuffer(env.frame_shape, np.uint8 if pixels else np.float32, args.frame_stack,
-                          env.action_dim, capacity, env.episode_length, args.seed,
-                          device)  # fmt: skip
-    agent = SACAE(env.obs_shape, env.action_dim, device, args)
-    run_dir, logs = args.out_dir, {}
-
-    if args.resume:
-        lock_run_folder(run_dir, held)
-        loop, path = load_checkpoint(
-            run_dir, args, agent, buffer, env, eval_env, action_rng, device
-        )
-        obs = env.observation()
-        with open(os.path.join(run_dir, "config.json")) as f:
-            config = json.load(f)
-        config.update({k: getattr(args, k) for k in RESUMABLE}, device_resolved=str(device))
-        with writing("config.json"), atomic_write(os.path.join(run_dir, "config.json")) as f:
-            f.write(json.dumps(config, indent=2).encode())  # the next --resume sees the same run
-        due = f", {loop['updates_due']} of its burst still to run" if loop["updates_due"] else ""
-        print(f"[resume] {run_dir} from {os.path.basename(path)}: env step {loop['env_step']}, "
-              f"agent step {loop['agent_step']}, {loop['updates']} updates{due}",
-              flush=True)  # fmt: skip
-    else:
-        if args.load_encoder:
-            agent.load_encoder(args.load_encoder)
-        with writing("the run folder"):
-            os.makedirs(run_dir, exist_ok=True)
-            lock_run_folder(run_dir, held)
-            if os.listdir(run_dir):  # another run began writing it since the flags were checked
-                raise UsageError(f"--out-dir {run_dir} is no longer empty; give a new folder")
-            config = {**vars(args), "device_resolved": str(device), "versions": versions(),
-                      "episode_length_agent_steps": env.episode_length}  # fmt: skip
-            with atomic_write(os.path.join(run_dir, "config.json")) as f:
-                f.write(json.dumps(config, indent=2).encode())
-        loop = {"env_step": 0, "agent_step": 0, "episode": 0, "updates": 0, "wall_time": 0.0,
-                "next_eval": 0, "last_eval": -1, "next_checkpoint": args.checkpoint_freq,
-                "episode_return": 0.0, "episode_env_steps": 0,
-                "episode_metrics": EpisodeMetrics(device),
-                "replay_saved": 0,
-                # An agent step whose updates a signal interrupted: its action, updates to go.
-                "pending_action": None, "updates_due": 0}  # fmt: skip
-        buffer.add_first(obs)
-    with writing("the run folder's logs"):
-        if args.save_video:
-            os.makedirs(os.path.join(run_dir, "video"), exist_ok=True)
-        if agent.decoder is not None:
-            os.makedirs(os.path.join(run_dir, "recon"), exist_ok=True)
-        probe_fields = [f"probe_r2_{name}" for name, _ in eval_env.state_groups]
-        probe_fields = ["probe_r2", *probe_fields] if pixels else []
-        logs["eval.csv"] = CSVLog(os.path.join(run_dir, "eval.csv"), EVAL_FIELDS + probe_fields)
-        logs["train.csv"] = CSVLog(os.path.join(run_dir, "train.csv"), TRAIN_FIELDS)
-        from torch.utils.tensorboard import SummaryWriter
-
-        # On resume, purge_step drops events logged after the checkpoint, as the CSVs are cut.
-        purge_step = loop["env_step"] + 1 if args.resume else None
-        tb = SummaryWriter(os.path.join(run_dir, "tb"), purge_step=purge_step)
-    unlisted = "" if args.domain in ACTION_REPEAT else " (default for unlisted domains)"
-    print(f"[setup] {args.domain}-{args.task} seed {args.seed} | obs {args.obs} decoder "
-          f"{args.decoder} | action repeat {repeat}{unlisted} | device {device} | replay "
-          f"{capacity:,} transitions, {buffer.nbytes / 2**30:.2f} GiB "
-          f"({buffer.bytes_per_transition:,.0f} B each) | {run_dir}", flush=True)  # fmt: skip
-
-    # For the ETA: an update and an environment step timed on copies, then the loop's own clocks:
-    # env_clock (acting and stepping), eval_clock (evaluations), episode_clock (a training
-    # episode's whole work, updates too, for its fps). Only this process's work counts.
-    sec_update = time_one_update(agent, env.obs_shape, env.action_dim, args.batch_size, device)
-    sec_env = time_env_steps(args, env_kwargs)
-    env_clock, eval_clock, episode_clock = Clock(), Clock(), Clock()
-    total_agent_steps = env.agent_steps(args.total_steps)
-
-    def updates_to_go():
-        next_step = loop["agent_step"] + (loop["pending_action"] is not None)
-        return loop["updates_due"] + updates_left(
-            next_step, total_agent_steps, args.init_steps, args.init_updates)  # fmt: skip
-
-    def eta():
-        """Seconds left: the updates to go, the environment steps, the evaluations."""
-        steps_left = max(0, total_agent_steps - loop["agent_step"]) * repeat
-        evals_left = len(range(loop["next_eval"], args.total_steps, args.eval_freq))
-        evals_left += loop["last_eval"] != args.total_steps  # the final evaluation
-        eval_steps = evals_left * args.eval_episodes * env.episode_length * repeat
-        sec_step = env_clock.seconds / env_clock.steps if env_clock.steps else sec_env
-        sec_eval_step = eval_clock.seconds / eval_clock.steps if eval_clock.steps else sec_step
-        return updates_to_go() * sec_update + steps_left * sec_step + eval_steps * sec_eval_step
-
-    gpu_job = device.type == "cpu" and updates_to_go() * sec_update > 6 * 3600
-    uncompiled = " (timed uncompiled)" if args.compile else ""
-    print(f"[eta] one update takes {sec_update * 1000:.0f} ms on {device}{uncompiled}, one "
-          f"environment step {sec_env * 1000:.1f} ms: {updates_to_go():,} updates and "
-          f"{args.total_steps - loop['env_step']:,} environment steps to go, about "
-          f"{duration(eta())}" + (" -- a full pixel run is a GPU job" if gpu_job else ""),
-          flush=True)  # fmt: skip
-    start = time.time() - loop["wall_time"]
-
-    def run_eval():
-        step, began = loop["env_step"], time.perf_counter()
-        video = os.path.join(run_dir, "video", f"eval_{step}.mp4") if args.save_video else None
-        before = eval_env.state_dict()
-        agent.train(False)
-        with writing("an evaluation video"):
-            result = evaluate(eval_env, agent, args.eval_episodes, video, probe=pixels, stop=stop)
-        agent.train(True)
-        if result is None:  # a signal: the checkpoint keeps this evaluation to do, from its start
-            eval_env.load_state_dict(before)
-            return
-        returns, latents, states, sample = result
-        seconds, steps = (
-            time.perf_counter() - began,
-            args.eval_episodes * env.episode_length * repeat,
-        )
-        eval_clock.add(seconds, steps)
-        loop["last_eval"] = step
-        loop["next_eval"] = (step // args.eval_freq + 1) * args.eval_freq
-        row = {"env_step": step, "agent_step": loop["agent_step"],
-               "episode_return_mean": float(np.mean(returns)),
-               "episode_return_std": float(np.std(returns)),
-               "episode_return_min": float(np.min(returns)),
-               "episode_return_max": float(np.max(returns)),
-               "episodes": len(returns), "wall_time": time.time() - start}  # fmt: skip
-        with writing("eval.csv, TensorBoard events or a reconstruction image"):
-            if pixels:
-                row.update(linear_probe(latents, states, eval_env.state_groups))
-                tb.add_scalar("eval/probe_r2", row["probe_r2"], step)
-            if agent.decoder is not None and sample is not None:
-                picture = reconstruction_image(sample, agent.reconstruct(sample))
-                import imageio.v3 as iio
-
-                # Encoded in memory, then written by us: a full disk fails here, in one place.
-                png = iio.imwrite("<bytes>", picture, extension=".png")
-                with open(os.path.join(run_dir, "recon", f"eval_{step}.png"), "wb") as f:
-                    f.write(png)
-                tb.add_image("eval/reconstruction", picture, step, dataformats="HWC")
-            logs["eval.csv"].write(row)
-            tb.add_scalar("eval/return", row["episode_return_mean"], step)
-            tb.flush()
-        probe = f" | probe R^2 {row['probe_r2']:.2f}" if pixels else ""
-        print(f"[eval] env_step {step} (agent {loop['agent_step']}) | return "
-              f"{row['episode_return_mean']:.1f} +- {row['episode_return_std']:.1f} over "
-              f"{len(returns)} episodes{probe} | fps {steps / max(seconds, 1e-9):.0f} | "
-              f"eta {duration(eta())}", flush=True)  # fmt: skip
-
-    path = None
-    try:
-        while True:
-            finished = loop["env_step"] >= args.total_steps
-            if loop["env_step"] >= loop["next_eval"] or (
-                finished and loop["last_eval"] != loop["env_step"]
-            ):
-                run_eval()
-            if stop or finished or loop["env_step"] >= loop["next_checkpoint"]:
-                loop["episode_metrics"].means()  # raises before a poisoned checkpoint
-                every = args.checkpoint_freq
-                loop["next_checkpoint"] = (loop["env_step"] // every + 1) * every
-                loop["wall_time"] = time.time() - start
-                with signals_held(stop, critical), writing("a checkpoint"):
-                    tb.flush()
-                    path = save_checkpoint(
-                        run_dir, args, loop, agent, buffer, env, eval_env, action_rng, logs
-                    )  # fmt: skip
-            if stop:
-                print(f"[stopped] checkpoint {path}; resume with: python {sys.argv[0]} "
-                      f"--resume {run_dir}", flush=True)  # fmt: skip
-                return 128 + stop["signum"]
-            if finished:
-                break
-
-            # One agent step: act, update (a burst of --init-updates at --init-steps, then one
-            # per step, as the authors' code), step the environment, store the transition.
-            began, updating, step = time.perf_counter(), 0.0, loop["agent_step"]
-            if loop["pending_action"] is None:  # else a resumed step with updates still due
-                if step < args.init_steps:
-                    action = action_rng.uniform(-1.0, 1.0, env.action_dim).astype(np.float32)
-                else:
-                    action = agent.act(obs)
-                    loop["updates_due"] = args.init_updates if step == args.init_steps else 1
-                loop["pending_action"] = action
-                if loop["updates_due"] > 1:
-                    print(f"[burst] {loop['updates_due']} updates at agent step {step} (authors' "
-                          f"code), about {duration(loop['updates_due'] * sec_update)}",
-                          flush=True)  # fmt: skip
-            while loop["updates_due"] and not stop:  # a signal stops the burst within one update
-                t0 = time.perf_counter()
-                metrics = agent.update(buffer.sample(args.batch_size), step)
-                loop["episode_metrics"].add(step, metrics)
-                loop["updates_due"] -= 1
-                loop["updates"] += 1
-                updating += time.perf_counter() - t0
-                sec_update = 0.9 * sec_update + 0.1 * (time.perf_counter() - t0)
-            if stop:
-                continue  # the top of the loop writes the checkpoint, the pending step included
-            action, loop["pending_action"] = loop["pending_action"], None
-            obs, reward, discount, done, steps = env.step(action)
-            buffer.add(action, reward, discount, obs)
-            loop["agent_step"] += 1
-            loop["env_step"] += steps
-            loop["episode_env_steps"] += steps
-            loop["episode_return"] += reward
-            episode_clock.add(time.perf_counter() - began, steps)
-            env_clock.add(time.perf_counter() - began - updating, steps)
-
-            if done or loop["env_step"] >= args.total_steps:
-                # fps: environment steps per second of training (acting, updating, stepping) in
-                # this process; evaluations and checkpoints are not counted.
-                row = {"env_step": loop["env_step"], "agent_step": loop["agent_step"],
-                       "episode": loop["episode"], "episode_return": loop["episode_return"],
-                       "episode_length": loop["episode_env_steps"], "updates": loop["updates"],
-                       "fps": episode_clock.fps, "wall_time": time.time() - start,
-                       **loop["episode_metrics"].means()}  # fmt: skip
-                with writing("train.csv or TensorBoard events"):
-                    logs["train.csv"].write(row)
-                    for tag, key in TENSORBOARD_TAGS.items():
-                        if key in row:
-                            tb.add_scalar(tag, row[key], loop["env_step"])
-                print(f"[train] env_step {loop['env_step']} (agent {loop['agent_step']}) | "
-                      f"episode {loop['episode']} | return {loop['episode_return']:.1f} | "
-                      f"fps {episode_clock.fps:.1f} | eta {duration(eta())}",
-                      flush=True)  # fmt: skip
-                loop.update(episode=loop["episode"] + 1, episode_return=0.0, episode_env_steps=0)
-                loop["episode_metrics"].clear()
-                episode_clock = Clock()
-                if done:
-                    obs = env.reset()
-                    buffer.add_first(obs)
-    except NonFiniteError as e:
-        if "action" in str(e):  # name the loss that went first, if one did
-            try:
-                loop["episode_metrics"].means()
-            except NonFiniteError as first:
-                e = first
-        last = latest_checkpoint(run_dir) or "none yet"
-        raise NonFiniteError(f"{e} (agent step {loop['agent_step']}, env step {loop['env_step']}); "
-                             f"stopped without writing a checkpoint; last good checkpoint: "
-                             f"{last}") from None  # fmt: skip
-    except WriteError as e:
-        last = latest_checkpoint(run_dir)
-        how = (f"the last complete checkpoint {last} is intact: free space, then resume with "
-               f"python {sys.argv[0]} --resume {run_dir}" if last else
-               f"no checkpoint was written yet: free space, remove {run_dir} and start the run "
-               "again")  # fmt: skip
-        raise WriteError(f"{e}; {how}") from None
-    finally:
-        for log in logs.values():
-            with contextlib.suppress(OSError):  # a full disk fails the close too; already reported
-                log.close()
-        with contextlib.suppress(Exception):
-            tb.close()
-
-    with signals_held(stop, critical), writing("model.pt"):
-        export_model(run_dir, args, agent)
-    print(f"[done] {loop['env_step']} environment steps in {duration(time.time() - start)}; "
-          f"weights in {os.path.join(run_dir, 'model.pt')}; run folder {run_dir}",
-          flush=True)  # fmt: skip
-    return 0
-
-
-# ====================================================================== flags: the manual is --help
 class RenderError(RuntimeError):
     def __init__(self, cause):
         super().__init__(
@@ -1608,31 +1080,506 @@ class RenderError(RuntimeError):
         )
 
 
-class UsageError(ValueError):
-    """A user mistake: reported as one line and exit status 2, before any work."""
+class NonFiniteError(RuntimeError):
+    """A loss, action or parameter became NaN or inf."""
 
 
+class Interrupted(BaseException):
+    """A second SIGINT or SIGTERM: stop at once. Not an Exception (as KeyboardInterrupt is not),
+    so that no handler of faults mistakes it for one."""
+
+    def __init__(self, signum):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+# ====================================================================== signals, console, progress
+class Stop:
+    """Set by the first SIGINT or SIGTERM; the training loop reads it."""
+
+    signum = None
+    name = property(lambda self: signal.Signals(self.signum).name)
+
+    def __bool__(self):
+        return self.signum is not None
+
+
+@contextlib.contextmanager
+def stop_on_signal():
+    """The first signal asks the loop to finish its update or step and write a checkpoint; a
+    second stops at once (Interrupted)."""
+    stop = Stop()
+
+    def handler(signum, frame):
+        if stop:
+            raise Interrupted(signum)
+        stop.signum = signum
+
+    saved = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield stop
+    finally:
+        for s, h in saved.items():
+            signal.signal(s, h)
+
+
+def say(line):
+    """A console line, above the progress bar. If the console has gone (a closed pipe: `| head`),
+    the run goes on, writing its run folder, and the console is written to /dev/null."""
+    try:
+        tqdm.tqdm.write(line, file=sys.stdout)
+        sys.stdout.flush()
+    except (BrokenPipeError, ValueError):  # ValueError: sys.stdout was closed
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+
+
+@contextlib.contextmanager
+def progress(run, every=0.5, log_every=60.0):
+    """The progress line, redrawn from the run's State by a thread of its own, so the loop never
+    calls it: on a terminal a tqdm bar over environment steps (rate, ETA, updates, the burst); in
+    a log, a [burst] line every minute while the burst runs."""
+    s, args, stopped = run.state, run.args, threading.Event()
+    bar = tqdm.tqdm(
+        total=args.total_steps,
+        initial=s.env_step,
+        unit="env step",
+        leave=False,
+        disable=not sys.stdout.isatty(),
+        dynamic_ncols=True,
+    )
+    logged = time.monotonic()
+
+    def draw():
+        nonlocal logged
+        while not stopped.wait(every):
+            left = updates_due(s.agent_step, args) - s.updates
+            burst = f" (burst: {left:,} to go)" if left > 1 else ""
+            bar.set_postfix_str(f"{s.updates:,} updates{burst}", refresh=False)
+            bar.update(s.env_step - bar.n)
+            if bar.disable and burst and time.monotonic() - logged > log_every:
+                say(f"[burst] {s.updates:,} updates done, {left:,} to go")
+                logged = time.monotonic()
+
+    thread = threading.Thread(target=draw, daemon=True)
+    thread.start()
+    try:
+        yield bar
+    finally:
+        stopped.set()
+        thread.join()
+        bar.close()
+
+
+# ========================================================================= the run folder, resume
+def replay_buffer(env, capacity, seed, device):
+    """The run's replay buffer: in GPU memory when it fits there with 2 GiB to spare for the
+    networks, else in host memory (said so); refused in one line when it fits in neither."""
+    dtype = torch.uint8 if env.obs_type == "pixels" else torch.float32
+    args = (
+        env.frame_shape,
+        dtype,
+        env.frames.maxlen,
+        env.action_dim,
+        capacity,
+        env.episode_length,
+        seed,
+        device,
+    )
+    need, storage = ReplayBuffer(*args, storage="meta").nbytes, device  # sized, not allocated
+    if device.type == "cuda" and need + 2**31 > torch.cuda.mem_get_info(device)[0]:
+        free = torch.cuda.mem_get_info(device)[0] / 2**30
+        say(
+            f"[replay] its {need / 2**30:.1f} GiB do not fit in the GPU's {free:.1f} GiB free: "
+            "it stays in host memory, and each batch is copied over"
+        )
+        storage = torch.device("cpu")
+    free = available_memory()
+    if storage.type == "cpu" and free is not None and need > free:
+        raise UsageError(
+            f"the replay buffer needs {need / 2**30:.1f} GiB for {capacity:,} "
+            f"transitions but only {free / 2**30:.1f} GiB is free; lower "
+            "--buffer-size (or --total-steps with --resume)"
+        )
+    return ReplayBuffer(*args, storage=storage)
+
+
+def available_memory():
+    """Bytes the kernel says a new allocation can have (Linux), else None."""
+    with contextlib.suppress(OSError, KeyError, ValueError), open("/proc/meminfo") as f:
+        return int(dict(line.split(":", 1) for line in f)["MemAvailable"].split()[0]) * 1024
+
+
+def open_run_folder(run):
+    """A new run: the folder, config.json, and the first frame in the replay buffer. --resume:
+    every part restored from the latest checkpoint, the logs cut back to it. Then the logs."""
+    args = run.args
+    if args.resume:
+        lock_folder(run)
+        path = load_checkpoint(run)
+        s, run.obs = run.state, run.env.observation()
+        left = updates_due(s.agent_step, args) - s.updates
+        burst = f", {left:,} updates of the burst to go" if left > 1 else ""
+        say(
+            f"[resume] {args.out_dir} from {os.path.basename(path)}: env step {s.env_step}, "
+            f"agent step {s.agent_step}, {s.updates:,} updates{burst}"
+        )
+    else:
+        if args.load_encoder:
+            load_encoder(run.agent, args.load_encoder)
+        os.makedirs(args.out_dir, exist_ok=True)
+        lock_folder(run)
+        if os.listdir(args.out_dir):  # another run began writing it since the flags were checked
+            raise UsageError(f"--out-dir {args.out_dir} is no longer empty; give a new folder")
+        run.replay.add_first(run.obs)
+    # Every resolved flag, and facts of this process (a resume writes them anew).
+    facts = dict(device_resolved=str(run.device), versions=versions())
+    facts.update(episode_length_agent_steps=run.env.episode_length, replay_capacity=run.replay.capacity)
+    write_json(run.path("config.json"), {**vars(args), **facts})
+    for folder, wanted in (("video", args.save_video), ("recon", run.agent.decoder is not None)):
+        if wanted:
+            os.makedirs(run.path(folder), exist_ok=True)
+    groups = run.eval_env.state_groups
+    probe = ["probe_r2", *(f"probe_r2_{g}" for g, _ in groups)] if args.obs == "pixels" else []
+    logs = {
+        "eval.csv": CSVLog(run.path("eval.csv"), EVAL_FIELDS + probe),
+        "train.csv": CSVLog(run.path("train.csv"), TRAIN_FIELDS),
+    }
+    for log in logs.values():
+        run.held.callback(log.file.close)
+    from torch.utils.tensorboard import SummaryWriter
+
+    # On resume, purge_step drops events logged after the checkpoint, as the CSVs are cut.
+    logs["tb"] = SummaryWriter(run.path("tb"), purge_step=run.state.env_step + 1 if args.resume else None)
+    run.held.callback(logs["tb"].close)
+    unlisted = "" if args.domain in ACTION_REPEAT else " (default for unlisted domains)"
+    burst = f"{args.init_updates:,} updates at agent step {args.init_steps:,}, then one per step"
+    say(
+        f"[setup] {args.domain}-{args.task} seed {args.seed} | obs {args.obs} decoder "
+        f"{args.decoder} | action repeat {args.action_repeat}{unlisted} | device {run.device} | "
+        f"replay {run.replay.capacity:,} transitions, {run.replay.nbytes / 2**30:.2f} GiB on "
+        f"{run.replay.storage} ({run.replay.bytes_per_transition:,.0f} B each) | {burst} | "
+        f"{args.out_dir}"
+    )
+    return logs
+
+
+def lock_folder(run):
+    """An exclusive lock (flock) on the run folder while this process writes it: a second run or
+    resume of the same folder is refused instead of interleaving their files."""
+    import fcntl
+
+    fd = os.open(run.args.out_dir, os.O_RDONLY)
+    run.held.callback(os.close, fd)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        raise UsageError(
+            f"{run.args.out_dir} is being written by another sac_ae.py process; "
+            "wait for it to end or stop it"
+        ) from None
+    except OSError as e:  # NFS, Lustre, some FUSE: no flock on a folder
+        say(
+            f"[lock] cannot lock {run.args.out_dir} ({e.strerror}): nothing stops a second "
+            "process from writing into it"
+        )
+
+
+def write_json(path, data):
+    with atomic_write(path) as f:
+        f.write(json.dumps(data, indent=2).encode())
+
+
+def write_png(path, picture):
+    import imageio.v3 as iio
+
+    with atomic_write(path) as f:
+        f.write(iio.imwrite("<bytes>", picture, extension=".png"))
+
+
+@contextlib.contextmanager
+def atomic_write(path):
+    """Write path.tmp, fsync, rename: a crash at any moment leaves the old file or the new one."""
+    tmp = path + ".tmp"
+    try:
+        with open(tmp, "wb") as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise
+    fd = os.open(os.path.dirname(path) or ".", os.O_RDONLY)
+    try:
+        os.fsync(fd)  # make the rename itself durable
+    finally:
+        os.close(fd)
+
+
+def zip_damage(path):
+    """What is wrong with a zip file that torch.save or np.savez wrote, or None when every member's
+    CRC-32 checks out (torch.load reads tensor data without checking them)."""
+    try:
+        with zipfile.ZipFile(path) as z:
+            bad = z.testzip()
+    except (OSError, zipfile.BadZipFile, EOFError) as e:
+        return f"not a complete zip file: {e}"
+    return f"CRC mismatch in {bad}" if bad else None
+
+
+def versions():
+    import importlib.metadata as md
+
+    out = {"python": sys.version.split()[0], "torch": torch.__version__, "numpy": np.__version__}
+    return {**out, **{pkg: md.version(pkg) for pkg in ("dm_control", "mujoco")}}
+
+
+CHECKPOINT_FORMAT = 3  # 3: the loop's State as a dataclass, replay frames and scalars as tensors
+
+
+def checkpoints(run_dir):
+    """[(env_step, replay_slots, path)] of the complete checkpoints of a run, oldest first."""
+    folder = os.path.join(run_dir, "checkpoints")
+    names = os.listdir(folder) if os.path.isdir(folder) else []
+    found = [re.fullmatch(r"ckpt_(\d+)_(\d+)\.pt", name) for name in names]
+    return sorted((int(m[1]), int(m[2]), os.path.join(folder, m[0])) for m in found if m)
+
+
+def latest_checkpoint(run_dir):
+    found = checkpoints(run_dir) if run_dir and os.path.isdir(run_dir) else []
+    return found[-1][2] if found else None
+
+
+def replay_chunks(folder):
+    """(start, end, path) of the replay chunk files in folder, in order: each holds the replay
+    slots [start, end), written once, by the checkpoint made when slot end - 1 was the newest."""
+    found = [re.fullmatch(r"replay_(\d+)_(\d+)\.npz", name) for name in os.listdir(folder)]
+    return sorted((int(m[1]), int(m[2]), os.path.join(folder, m[0])) for m in found if m)
+
+
+def replay_gap(folder, slots, size):
+    """The first range of slots that a checkpoint at `slots` needs (the ring's last `size`) and no
+    intact chunk holds, as "a..b", or None."""
+    need = max(0, slots - size)
+    for start, end, path in replay_chunks(folder):
+        if end <= need or start >= slots:
+            continue
+        if start > need or zip_damage(path):
+            return f"{need}..{min(end, slots) if start <= need else start}"
+        need = end
+    return f"{need}..{slots}" if need < slots else None
+
+
+def save_checkpoint(run):
+    """The replay slots added since the last checkpoint as a chunk of their own, then one file with
+    everything else, each atomically; then older checkpoints beyond --keep-checkpoints, and the
+    chunks that no kept checkpoint needs, are removed."""
+    s, args, replay = run.state, run.args, run.replay
+    run.metrics.means()  # raises on a NaN or inf loss: never write a poisoned checkpoint
+    finite = torch.stack([torch.isfinite(p).all() for p in run.agent.parameters()])
+    if not bool(finite.all()):
+        raise NonFiniteError(f"a parameter became NaN or inf by agent step {s.agent_step}")
+    for name in ("eval.csv", "train.csv"):  # the rows the checkpoint counts, on disk before it
+        os.fsync(run.logs[name].file.fileno())
+    run.logs["tb"].flush()
+    folder = run.path("checkpoints")
+    os.makedirs(folder, exist_ok=True)
+    start = max(
+        max((end for _, end, _ in replay_chunks(folder)), default=0), replay.t - replay.size
+    )
+    if start < replay.t:
+        index = torch.from_numpy(np.arange(start, replay.t) % replay.size)
+        with atomic_write(os.path.join(folder, f"replay_{start:012d}_{replay.t:012d}.npz")) as f:
+            np.savez(
+                f,
+                frames=replay.frames[index.to(replay.storage)].cpu().numpy(),
+                scalars=replay.scalars[index.to(replay.storage)].cpu().numpy(),
+                age=replay.age[index.numpy()],
+            )
+    rng = {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+        "actions": run.action_rng.bit_generator.state,
+        "replay": replay.rng.bit_generator.state,
+    }
+    if run.device.type == "cuda":
+        rng["cuda"] = torch.cuda.get_rng_state(run.device)
+    payload = {
+        "format": CHECKPOINT_FORMAT,
+        "args": vars(args),
+        "state": dataclasses.asdict(s),
+        "metrics": run.metrics.state_dict(),
+        "agent": run.agent.state_dict(),
+        "rng": rng,
+        "env": run.env.state_dict(),
+        "eval_env": run.eval_env.state_dict(),
+        "csv_bytes": {k: run.logs[k].file.tell() for k in ("eval.csv", "train.csv")},
+    }
+    path = os.path.join(folder, f"ckpt_{s.env_step:010d}_{replay.t:012d}.pt")
+    with atomic_write(path) as f:
+        torch.save(payload, f)
+    kept = checkpoints(args.out_dir)
+    for _, _, old in kept[: -(args.keep_checkpoints + 1)]:
+        os.remove(old)
+    oldest = kept[-(args.keep_checkpoints + 1) :][0][1]
+    for _, end, chunk in replay_chunks(folder):
+        if end <= oldest - replay.size:  # overwritten in the ring of every kept checkpoint
+            os.remove(chunk)
+    return path
+
+
+def load_checkpoint(run):
+    """Restore what save_checkpoint wrote. A damaged or foreign checkpoint is refused in one line
+    (UsageError) before anything in the run folder changes."""
+    args, replay, folder = run.args, run.replay, run.path("checkpoints")
+    found = checkpoints(args.out_dir)
+    _, slots, path = found[-1]
+    older = [p for _, t, p in found[:-1] if not zip_damage(p)]
+    if older:
+        remedy = f"move it aside to resume from the one before, {os.path.basename(older[-1])}"
+    else:
+        remedy = "there is no intact older checkpoint: start the run again"
+    try:
+        damage = zip_damage(path)
+        if damage:
+            raise ValueError(damage)
+        payload = torch.load(path, map_location="cpu", weights_only=False)  # ours: numpy inside
+        state = State(**payload["state"])
+    except Exception as e:
+        why = " ".join(str(e).split()) or type(e).__name__
+        raise UsageError(f"checkpoint {path} is damaged or truncated ({why}); {remedy}") from None
+    if payload.get("format") != CHECKPOINT_FORMAT:
+        raise UsageError(
+            f"checkpoint {path} was written by another version of sac_ae.py (format "
+            f"{payload.get('format')}, this one reads {CHECKPOINT_FORMAT})"
+        )
+    theirs, mine = maths_config(argparse.Namespace(**payload["args"])), maths_config(args)
+    for k in sorted(theirs.keys() & mine.keys()):
+        if theirs[k] != mine[k]:
+            raise UsageError(
+                f"--resume {args.out_dir}: config.json says {k} {mine[k]!r} but "
+                f"checkpoint {os.path.basename(path)} was trained with {theirs[k]!r}; "
+                "put config.json back as the run wrote it"
+            )
+    for name, size in payload["csv_bytes"].items():
+        if not os.path.isfile(run.path(name)) or os.path.getsize(run.path(name)) < size:
+            raise UsageError(
+                f"{run.path(name)} is shorter than checkpoint {path} recorded; the "
+                "run folder is damaged"
+            )
+    gap = replay_gap(folder, slots, replay.size)
+    if gap:
+        usable = [p for _, t, p in found[:-1] if not replay_gap(folder, t, replay.size)]
+        remedy = (
+            f"move it aside to resume from {os.path.basename(usable[-1])}"
+            if usable
+            else "no older checkpoint has its replay either: the run cannot be resumed from "
+            "these files; start it again"
+        )
+        raise UsageError(
+            f"checkpoint {path} needs replay slots {gap}, which no intact chunk in "
+            f"{folder} holds; {remedy}"
+        )
+    # Accepted: from here on the run is rewound to the checkpoint, its folder too.
+    run.agent.load_state_dict(payload["agent"])
+    replay.t, need = slots, max(0, slots - replay.size)
+    for start, end, chunk_path in replay_chunks(folder):
+        lo, hi = max(start, need), min(end, slots)
+        if lo < hi:
+            with np.load(chunk_path) as chunk:
+                i, part = (
+                    torch.from_numpy(np.arange(lo, hi) % replay.size),
+                    slice(lo - start, hi - start),
+                )
+                replay.frames[i.to(replay.storage)] = torch.from_numpy(chunk["frames"][part]).to(
+                    replay.storage
+                )
+                replay.scalars[i.to(replay.storage)] = torch.from_numpy(chunk["scalars"][part]).to(
+                    replay.storage
+                )
+                replay.age[i.numpy()] = chunk["age"][part]
+        elif start >= slots:  # written after this checkpoint by the run that stopped
+            os.remove(chunk_path)
+    replay.has_transition = bool((replay.age[np.arange(need, slots) % replay.size] > 0).any())
+    run.env.load_state_dict(payload["env"])
+    run.eval_env.load_state_dict(payload["eval_env"])
+    rng = payload["rng"]
+    random.setstate(rng["python"])
+    np.random.set_state(rng["numpy"])
+    torch.set_rng_state(rng["torch"])
+    run.action_rng.bit_generator.state = rng["actions"]
+    replay.rng.bit_generator.state = rng["replay"]
+    if "cuda" in rng and run.device.type == "cuda":  # a run moved from CPU starts CUDA's afresh
+        torch.cuda.set_rng_state(rng["cuda"], run.device)
+    for name, size in payload["csv_bytes"].items():  # drop rows written after the checkpoint
+        with open(run.path(name), "r+b") as f:
+            f.truncate(size)
+    run.state = state
+    run.metrics.load_state_dict(payload["metrics"])
+    return path
+
+
+def export_model(run):
+    """RUN_DIR/model.pt: the trained networks alone, for torch.load(..., weights_only=True)."""
+    weights = {
+        name: {k: t.cpu() for k, t in net.state_dict().items()}  # readable without a GPU
+        for name, net in run.agent.networks().items()
+    }
+    weights["log_alpha"] = run.agent.log_alpha.detach().cpu()
+    with atomic_write(run.path("model.pt")) as f:
+        torch.save({**weights, "config": maths_config(run.args)}, f)
+
+
+def load_encoder(agent, path):
+    """--load-encoder: the encoder and both latent heads of a run folder's model.pt, a model.pt or
+    a checkpoint file (transfer, Fig. 7)."""
+    file = os.path.join(path, "model.pt") if os.path.isdir(path) else path
+    try:
+        damage = zip_damage(file)
+        if damage:
+            raise ValueError(damage)
+        saved = torch.load(file, map_location="cpu", weights_only=False)
+        config = saved.get("config") or maths_config(argparse.Namespace(**saved["args"]))
+        weights = saved.get("agent", saved)  # a checkpoint, or model.pt
+        weights["encoder"], weights["critic"], weights["actor"]
+    except Exception as e:
+        raise UsageError(
+            f"--load-encoder {path}: no encoder weights of this version of sac_ae.py "
+            f"in {file} ({' '.join(str(e).split())})"
+        ) from None
+    if config.get("obs") == "state":
+        raise UsageError(f"--load-encoder {path}: a SAC:state run has no encoder to give")
+    try:
+        agent.load_encoder(weights)
+    except RuntimeError as e:
+        raise UsageError(
+            f"--load-encoder {path}: its encoder does not fit this one (image size, "
+            f"filters, layers or feature dim differ: {' '.join(str(e).split())})"
+        )
+
+
+# ====================================================================== flags: the manual is --help
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     def _get_help_string(self, action):  # defaults that are resolved later say so in their help
         return action.help if action.default is None else super()._get_help_string(action)
 
 
 class Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line instead of argparse's usage dump
-        self.exit(2, f"{self.prog}: error: {message}\n")
+    def error(self, message):  # one line through main()'s error boundary, not a usage dump
+        raise UsageError(message)
 
 
 def checked(convert, valid, what):
     """An argparse type: convert the text; refuse what is not `valid`, saying `what` it must be."""
 
     def parse(text):
-        try:
+        with contextlib.suppress(ValueError):
             value = convert(text)
-        except ValueError:
-            value = None
-        if value is None or not valid(value):
-            raise argparse.ArgumentTypeError(f"must be {what}, got '{text}'")
-        return value
+            if valid(value):
+                return value
+        raise argparse.ArgumentTypeError(f"must be {what}, got '{text}'")
 
     return parse
 
@@ -1641,36 +1588,32 @@ positive_int = checked(int, lambda v: v > 0, "a positive integer")
 nonnegative_int = checked(int, lambda v: v >= 0, "an integer >= 0")
 seed_int = checked(
     int,
-    lambda v: 0 <= v < 2**32 - EVAL_SEED_OFFSET,  # numpy's range less the eval offset
+    lambda v: 0 <= v < 2**32 - EVAL_SEED_OFFSET,  # numpy's, less the offset
     f"an integer in [0, {2**32 - EVAL_SEED_OFFSET - 1}]",
 )
 bits_int = checked(int, lambda v: 1 <= v <= 8, "an integer in [1, 8]")
 positive_float = checked(float, lambda v: 0 < v < math.inf, "a positive number")
 nonnegative_float = checked(float, lambda v: 0 <= v < math.inf, "a number >= 0")
 unit_float = checked(float, lambda v: 0 <= v <= 1, "a number in [0, 1]")
+beta_float = checked(float, lambda v: 0 <= v < 1, "a number in [0, 1), as Adam needs")
 finite_float = checked(float, math.isfinite, "a finite number")
 device_name = checked(
     str, lambda v: re.fullmatch(r"auto|cpu|cuda(:\d+)?", v), "auto, cpu, cuda or cuda:N"
 )
+RESUMABLE = "run: what may change on --resume"
+MODES = "run folder and modes"
 
 
 def build_parser():
-    # One flag a line or two: this is the card. (Kept so by hand; ruff leaves it.)
     # fmt: off
-    p = Parser(
-        prog="sac_ae.py",
-        description=__doc__.split("\n\n")[0] + " Every hyperparameter "
-        "defaults to the paper's and the authors' code; budgets count environment steps "
-        "(agent steps x action repeat), as the paper's plots do.",
-        formatter_class=HelpFormatter,
-    )
-    g = p.add_argument_group("task and run")
+    p = Parser(prog="sac_ae.py", formatter_class=HelpFormatter, description=__doc__.split("\n\n")[0]
+               + " Every hyperparameter defaults to the paper's and the authors' code; budgets "
+               "count environment steps (agent steps x action repeat), as the paper's plots do.")
+    g = p.add_argument_group("task")
     g.add_argument("--domain", default="cheetah", help="dm_control suite domain")
     g.add_argument("--task", default="run", help="task of that domain")
     g.add_argument("--seed", type=seed_int, default=1,
                    help="seeds python, numpy, torch and both environments")
-    g.add_argument("--total-steps", type=positive_int, default=500_000,
-                   help="environment steps of training")
     g.add_argument("--obs", default="pixels", choices=["pixels", "state"],
                    help="pixels: SAC+AE from images; state: SAC on proprioceptive states, no "
                    "encoder or decoder (the paper's upper baseline, SAC:state)")
@@ -1678,21 +1621,34 @@ def build_parser():
                    help="pixel: deterministic regularized autoencoder (SAC+AE); vae: beta-VAE "
                    "with a stochastic encoder head (Sec. 4); none: no reconstruction (SAC:pixel, "
                    "the lower baseline) [default: pixel with --obs pixels]")
+    g = p.add_argument_group(RESUMABLE)
+    g.add_argument("--total-steps", type=positive_int, default=500_000,
+                   help="environment steps of training")
     g.add_argument("--device", type=device_name, default="auto",
-                   help="auto, cpu, cuda or cuda:N; auto picks cuda when available. Rendering "
-                   "(EGL) runs on the same GPU unless MUJOCO_EGL_DEVICE_ID says otherwise")
-    g.add_argument("--out-dir", default=None,
-                   help="run folder, must be new or empty [default: "
-                   "runs/{domain}-{task}-s{seed}-{timestamp}]")
-    g.add_argument("--resume", default=None, metavar="RUN_DIR",
-                   help="continue that run from its latest checkpoint, with its saved "
-                   "configuration; only "
-                   + ", ".join("--" + k.replace("_", "-") for k in sorted(RESUMABLE))
-                   + " may be given with it")
+                   help="auto, cpu, cuda or cuda:N; auto picks cuda when available. EGL renders "
+                   "on the GPU that MUJOCO_EGL_DEVICE_ID names (EGL's own numbering)")
     g.add_argument("--checkpoint-freq", type=positive_int, default=None,
                    help="environment steps between checkpoints [default: --eval-freq]")
     g.add_argument("--keep-checkpoints", type=nonnegative_int, default=1,
                    help="older checkpoints kept besides the latest")
+    g.add_argument("--save-video", action="store_true",
+                   help="mp4 of the first episode of each evaluation in RUN_DIR/video")
+    g = p.add_argument_group(MODES)
+    g.add_argument("--out-dir", default=None,
+                   help="run folder, must be new or empty [default: "
+                   "runs/{domain}-{task}-s{seed}-{timestamp}]")
+    g.add_argument("--resume", default=None, metavar="RUN_DIR",
+                   help="continue that run from its latest checkpoint with its saved "
+                   f"configuration; only the flags under '{RESUMABLE}' may be given with it")
+    g.add_argument("--benchmark", action="store_true",
+                   help="no training: time updates on a replay buffer of random frames and "
+                   "environment steps, print a table and a final `benchmark ...` line")
+    g.add_argument("--bench-updates", type=positive_int, default=20,
+                   help="updates timed by --benchmark after warm-up (even: actor and targets keep "
+                   "their rate)")
+    g.add_argument("--plot", nargs="+", default=None, metavar="EVAL_CSV",
+                   help="no training: draw each eval.csv as learning_curve.png beside it (needs "
+                   "matplotlib)")
     g = p.add_argument_group("environment")
     g.add_argument("--action-repeat", type=positive_int, default=None,
                    help="times each action is applied [default: per domain, PlaNet's: "
@@ -1714,8 +1670,6 @@ def build_parser():
     g.add_argument("--eval-freq", type=positive_int, default=10_000,
                    help="environment steps between evaluations")
     g.add_argument("--eval-episodes", type=positive_int, default=10, help="episodes per evaluation")
-    g.add_argument("--save-video", action="store_true",
-                   help="mp4 of the first episode of each evaluation in RUN_DIR/video")
     g = p.add_argument_group("speed")
     g.add_argument("--precision", default="fp32", choices=["fp32", "bf16"],
                    help="fp32: float32 throughout (TF32 off on GPUs); bf16: autocast the conv and "
@@ -1724,20 +1678,11 @@ def build_parser():
     g.add_argument("--compile", action="store_true",
                    help="torch.compile the whole update (each variant compiled at first use, "
                    "tens of seconds on CPU) and on a GPU replay it from CUDA graphs; same maths")
-    g.add_argument("--benchmark", action="store_true",
-                   help="no training: time updates on a replay buffer of random frames and "
-                   "environment steps, print a table and a final `benchmark ...` line")
-    g.add_argument("--plot", nargs="+", default=None, metavar="EVAL_CSV",
-                   help="no training: draw each eval.csv as learning_curve.png beside it (needs "
-                   "matplotlib)")
-    g.add_argument("--bench-updates", type=positive_int, default=20,
-                   help="updates timed by --benchmark after warm-up (even: actor and targets keep "
-                   "their rate)")
     g = p.add_argument_group("SAC")
     g.add_argument("--gamma", type=unit_float, default=0.99, help="discount")
     g.add_argument("--critic-lr", type=positive_float, default=1e-3,
                    help="Adam lr of the critic (and its encoder)")
-    g.add_argument("--critic-beta", type=unit_float, default=0.9, help="Adam beta1 of the critic")
+    g.add_argument("--critic-beta", type=beta_float, default=0.9, help="Adam beta1 of the critic")
     g.add_argument("--critic-tau", type=unit_float, default=0.01,
                    help="soft target update rate of the Q heads")
     g.add_argument("--encoder-tau", type=unit_float, default=0.05,
@@ -1746,7 +1691,7 @@ def build_parser():
                    help="soft target update on agent steps divisible by N (the initial burst "
                    "shares one step)")
     g.add_argument("--actor-lr", type=positive_float, default=1e-3, help="Adam lr of the actor")
-    g.add_argument("--actor-beta", type=unit_float, default=0.9, help="Adam beta1 of the actor")
+    g.add_argument("--actor-beta", type=beta_float, default=0.9, help="Adam beta1 of the actor")
     g.add_argument("--actor-update-freq", type=positive_int, default=2,
                    help="actor and temperature step on agent steps divisible by N (the burst "
                    "shares one step)")
@@ -1756,7 +1701,7 @@ def build_parser():
                    help="upper bound of the policy's log std")
     g.add_argument("--init-temperature", type=positive_float, default=0.1, help="initial alpha")
     g.add_argument("--alpha-lr", type=positive_float, default=1e-4, help="Adam lr of log alpha")
-    g.add_argument("--alpha-beta", type=unit_float, default=0.5, help="Adam beta1 of log alpha")
+    g.add_argument("--alpha-beta", type=beta_float, default=0.5, help="Adam beta1 of log alpha")
     g.add_argument("--hidden-dim", type=positive_int, default=1024,
                    help="width of the actor and Q MLPs")
     g = p.add_argument_group("encoder and autoencoder")
@@ -1791,155 +1736,162 @@ def build_parser():
                    help="with --load-encoder: keep the loaded encoder and both latent heads fixed "
                    "(the paper's Fig. 7 lets the critic train them)")
     return p
-
     # fmt: on
 
 
-# Flags that may accompany --resume: none of them changes what the run computes.
-RESUMABLE = {"total_steps", "device", "checkpoint_freq", "keep_checkpoints", "save_video"}
-# Flags that pick what the script does rather than configure a run: never part of a run's config.
-MODES = {"resume", "out_dir", "benchmark", "bench_updates", "plot"}
-# What only a training run reads: --benchmark refuses them.
-TRAINING_ONLY = {"out_dir", "total_steps", "init_steps", "init_updates", "eval_freq",
-                 "eval_episodes", "checkpoint_freq", "keep_checkpoints", "save_video",
-                 "load_encoder", "freeze_encoder"}  # fmt: skip
+@functools.cache
+def group(title):
+    """The flags (dests) under one heading of --help: the groups say what may change on resume."""
+    parser = build_parser()
+    return {a.dest for g in parser._action_groups if g.title == title for a in g._group_actions}
+
+
+def maths_config(args):
+    """The flags a run's checkpoints must agree on: all but how long, where, and the modes."""
+    return {k: v for k, v in sorted(vars(args).items()) if k not in group(RESUMABLE) | group(MODES)}
+
+
+def resumable(args):
+    return {k: getattr(args, k) for k in group(RESUMABLE)}
 
 
 def parse_args(argv=None):
-    """Parse and validate everything that can be checked without building anything."""
-    parser = build_parser()
+    """Parse and check everything that can be checked before building anything (UsageError)."""
+    parser, typer = build_parser(), build_parser()
     args = parser.parse_args(argv)
-    try:
-        if args.plot:
-            for path in args.plot:
-                read_eval_csv(path)  # refuse a missing, empty or foreign file before drawing any
-            others = set(vars(args)) - {"plot"}
-            refuse_typed(argv, dict.fromkeys(others, "--plot only draws eval.csv files"))
-            return args
-        if args.resume:
-            if args.benchmark:
-                raise UsageError("--benchmark cannot be combined with --resume (it trains nothing)")
-            args = resume_args(parser, argv, args.resume)
-        else:
-            check_device(args.device)
-            render_on_training_gpu(args.device)  # before resolve_args imports dm_control
-            resolve_args(args)
-            unused = unused_flags(args)
-            if args.benchmark:
-                unused.update(dict.fromkeys(TRAINING_ONLY, "--benchmark trains nothing"))
-            refuse_typed(argv, unused)
-    except UsageError as e:
-        parser.error(str(e))
+    typer.set_defaults(**dict.fromkeys(vars(args)))  # so only what argv gives is not None
+    typed = {k: v for k, v in vars(typer.parse_args(argv)).items() if v is not None}
+    if args.plot:
+        for path in args.plot:
+            read_eval_csv(path)  # refuse a missing, empty or foreign file before drawing any
+        refuse(typed, dict.fromkeys(set(vars(args)) - {"plot"}, "--plot only draws eval.csv files"))
+        return args
+    if args.resume is not None:
+        return resume_args(parser, args.resume, typed)
+    check_device(args.device)
+    resolve_args(args)
+    refuse(typed, ignored_flags(args))
     return args
 
 
-def resume_args(parser, argv, run_dir):
-    """The run's saved configuration, with the few flags that may change on resume applied."""
-    dests = vars(parser.parse_args([]))
-    typed = typed_flags(argv)
-    given = {k: v for k, v in typed.items() if k not in MODES}
-    refused = sorted(set(typed) - RESUMABLE - {"resume"})
+def refuse(typed, why):
+    """UsageError if a flag of `why` ({dest: reason}) was given a value other than its default:
+    it would be ignored without a word."""
+    defaults = vars(build_parser().parse_args([]))
+    given = sorted(k for k, v in typed.items() if k in why and v != defaults[k])
+    if given:
+        raise UsageError(f"--{given[0].replace('_', '-')} has no effect: {why[given[0]]}")
+
+
+def ignored_flags(args):
+    """{dest: why} of the flags that this configuration never reads (later rows win)."""
+    table = [
+        (
+            args.obs == "state",
+            "image_size num_filters num_conv_layers feature_dim encoder_tau",
+            "--obs state has no conv encoder and no latent head",
+        ),
+        (
+            args.decoder == "none",
+            "encoder_lr decoder_lr decoder_weight_decay ae_bits "
+            "decoder_latent_lambda ae_update_freq vae_beta",
+            "--decoder none has no decoder",
+        ),
+        (args.decoder == "pixel", "vae_beta", "it weights the KL term of --decoder vae"),
+        (
+            args.decoder == "vae",
+            "decoder_latent_lambda",
+            "--decoder vae has its KL term instead of this penalty",
+        ),
+        (
+            args.freeze_encoder,
+            "encoder_lr encoder_tau decoder_latent_lambda ae_grad",
+            "--freeze-encoder keeps the encoder and its latent heads fixed",
+        ),
+        (not args.benchmark, "bench_updates", "it sets how many updates --benchmark times"),
+        (
+            args.benchmark,
+            "out_dir total_steps init_steps init_updates eval_freq eval_episodes "
+            "checkpoint_freq keep_checkpoints save_video load_encoder freeze_encoder",
+            "--benchmark trains nothing",
+        ),
+    ]
+    return {k: why for on, flags, why in table if on for k in flags.split()}
+
+
+def resume_args(parser, run_dir, typed):
+    """The run's saved configuration, with the flags that may change on resume applied."""
+    refused = sorted(set(typed) - group(RESUMABLE) - {"resume"})
     if refused:
         raise UsageError(
-            f"--{refused[0].replace('_', '-')} cannot be given with --resume (the run keeps its "
-            f"folder and configuration); allowed: "
-            + ", ".join("--" + k.replace("_", "-") for k in sorted(RESUMABLE))
+            f"--{refused[0].replace('_', '-')} cannot be given with --resume (the run "
+            f"keeps its folder and configuration); only the flags under "
+            f"'{RESUMABLE}' in --help may"
         )
+    if not run_dir.strip():
+        raise UsageError("--resume is empty; give a run folder")
     if not os.path.isdir(run_dir):
         raise UsageError(f"--resume {run_dir}: no such folder")
     if not os.access(run_dir, os.W_OK | os.X_OK):
         raise UsageError(
             f"--resume {run_dir}: cannot write in it (read-only filesystem or no permission)"
         )
+    found = checkpoints(run_dir)
     try:
         with open(os.path.join(run_dir, "config.json")) as f:
             config = json.load(f)
-    except (OSError, ValueError) as e:
-        raise UsageError(
-            f"--resume {run_dir}: no readable config.json, so not a run folder "
-            f"({e.__class__.__name__})"
-        ) from None
-    missing = sorted(set(dests) - MODES - set(config))
-    if missing:
-        raise UsageError(
-            f"--resume {run_dir}: config.json lacks {missing[0]}; was it written by another "
-            "version of sac_ae.py?"
+        if not isinstance(config, dict):
+            raise ValueError("not a JSON object")
+    except FileNotFoundError:
+        if not found:
+            raise UsageError(f"--resume {run_dir}: no config.json, so not a run folder") from None
+        config = torch.load(found[-1][2], map_location="cpu", weights_only=False)["args"]
+        say(
+            f"[resume] {run_dir} has no config.json: its configuration is read from "
+            f"{os.path.basename(found[-1][2])}, and config.json is written again"
         )
-    args = argparse.Namespace(**{k: config[k] for k in dests if k not in MODES})
-    vars(args).update(given)
-    args.resume, args.out_dir, args.benchmark, args.plot, args.bench_updates = (
-        run_dir,
-        run_dir,
-        False,
-        None,
-        0,
+    except (OSError, ValueError) as e:
+        remedy = (
+            "its checkpoints hold the configuration too: move config.json aside and resume "
+            "again to have it rewritten from them"
+            if found
+            else "no checkpoint holds it"
+        )
+        raise UsageError(f"--resume {run_dir}: config.json is unreadable ({e}); {remedy}") from None
+    defaults = vars(parser.parse_args([]))  # a flag newer than the run: its default
+    args = argparse.Namespace(
+        **{
+            **defaults,
+            **{k: v for k, v in config.items() if k in defaults},
+            **typed,
+            "resume": run_dir,
+            "out_dir": run_dir,
+        }
     )
     check_device(args.device)
-    render_on_training_gpu(args.device)
-    found = checkpoints(run_dir)
     if not found:
         raise UsageError(
             f"--resume {run_dir}: no checkpoint in {os.path.join(run_dir, 'checkpoints')}"
         )
     if found[-1][0] >= args.total_steps + args.action_repeat:  # its last step may overshoot
         raise UsageError(
-            f"--total-steps {args.total_steps}: the run is already at environment step "
-            f"{found[-1][0]}; give at least that"
+            f"--total-steps {args.total_steps}: the run is already at environment "
+            f"step {found[-1][0]}; give at least that"
         )
     return args
 
 
-def refuse_typed(argv, why):
-    """UsageError if a flag of `why` ({dest: reason}) was typed with a value other than its
-    default: it would be ignored without a word."""
-    defaults = vars(build_parser().parse_args([]))
-    typed = sorted(k for k, v in typed_flags(argv).items() if k in why and v != defaults[k])
-    if typed:
-        raise UsageError(f"--{typed[0].replace('_', '-')} has no effect: {why[typed[0]]}")
-
-
-def unused_flags(args):
-    """{dest: why} of the flags that this configuration never reads."""
-    unused = {}
-    if args.obs == "state":
-        for k in ("image_size", "num_filters", "num_conv_layers", "feature_dim", "encoder_tau"):
-            unused[k] = "--obs state has no conv encoder and no latent head"
-    if args.decoder == "none":
-        for k in ("encoder_lr", "decoder_lr", "decoder_weight_decay", "decoder_latent_lambda",
-                  "ae_bits", "ae_update_freq", "vae_beta"):  # fmt: skip
-            unused[k] = f"--decoder none{' (--obs state)' * (args.obs == 'state')} has no decoder"
-    elif args.decoder == "pixel":
-        unused["vae_beta"] = "it weights the KL term of --decoder vae"
-    else:
-        unused["decoder_latent_lambda"] = "--decoder vae has its KL term instead of this penalty"
-    if args.freeze_encoder:
-        for k in ("encoder_lr", "encoder_tau", "decoder_latent_lambda", "ae_grad"):
-            unused[k] = "--freeze-encoder keeps the encoder and its latent heads fixed"
-    if not args.benchmark:
-        unused["bench_updates"] = "it sets how many updates --benchmark times"
-    return unused
-
-
-def typed_flags(argv):
-    """{dest: value} of the flags typed in argv; those left at their defaults are absent."""
-    parser = build_parser()
-    parser.set_defaults(**{k: None for k in vars(parser.parse_args([]))})
-    return {k: v for k, v in vars(parser.parse_args(argv)).items() if v is not None}
-
-
 def check_device(name):
-    if name.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise UsageError(f"--device {name} but CUDA is not available; valid here: auto, cpu")
-        index = int(name.partition(":")[2] or 0)
-        if index >= torch.cuda.device_count():
-            raise UsageError(
-                f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) are visible"
-            )
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UsageError(f"--device {name} but CUDA is not available; valid here: auto, cpu")
+    if name.startswith("cuda") and int(name.partition(":")[2] or 0) >= torch.cuda.device_count():
+        raise UsageError(
+            f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) are visible"
+        )
 
 
 def resolve_args(args):
-    """Fill the per-task defaults and refuse inconsistent input (raises UsageError)."""
+    """Fill the per-task defaults and refuse inconsistent input (UsageError)."""
     suite = load_suite()
     domains = sorted({d for d, _ in suite.ALL_TASKS})
     if args.domain not in domains:
@@ -1951,8 +1903,8 @@ def resolve_args(args):
         )
     if args.obs == "state" and args.decoder in ("pixel", "vae"):
         raise UsageError(
-            f"--decoder {args.decoder} needs --obs pixels (with --obs state there is no image "
-            "to reconstruct)"
+            f"--decoder {args.decoder} needs --obs pixels (with --obs state there is "
+            "no image to reconstruct)"
         )
     if args.obs == "state" and (args.load_encoder or args.freeze_encoder):
         raise UsageError(
@@ -1968,15 +1920,15 @@ def resolve_args(args):
             raise UsageError(f"--load-encoder {path}: no such file or folder")
         if os.path.isdir(path) and not os.path.isfile(os.path.join(path, "model.pt")):
             raise UsageError(
-                f"--load-encoder {path}: no model.pt in it (a run writes it when it ends); give "
-                "one of its checkpoints/ckpt_*.pt instead"
+                f"--load-encoder {path}: no model.pt in it (a run writes it when it "
+                "ends); give one of its checkpoints/ckpt_*.pt instead"
             )
         args.load_encoder = os.path.abspath(path)
     args.decoder = args.decoder or ("pixel" if args.obs == "pixels" else "none")
     if args.ae_grad == "separate" and args.decoder == "none":
         raise UsageError(
-            "--ae-grad separate needs a decoder (pixel or vae): without one the encoder would "
-            "never learn"
+            "--ae-grad separate needs a decoder (pixel or vae): without one the "
+            "encoder would never learn"
         )
     args.action_repeat = args.action_repeat or ACTION_REPEAT.get(args.domain, DEFAULT_REPEAT)
     args.frame_stack = args.frame_stack or (3 if args.obs == "pixels" else 1)
@@ -1984,23 +1936,23 @@ def resolve_args(args):
     args.checkpoint_freq = args.checkpoint_freq or args.eval_freq
     if args.benchmark and args.bench_updates % 2:
         raise UsageError(
-            "--bench-updates must be even (actor and targets move every 2nd update), got "
-            f"{args.bench_updates}"
+            "--bench-updates must be even (actor and targets move every 2nd update), "
+            f"got {args.bench_updates}"
         )
     if args.actor_log_std_min >= args.actor_log_std_max:
         raise UsageError("--actor-log-std-min must be below --actor-log-std-max")
     if args.obs == "pixels" and conv_output_size(args.image_size, args.num_conv_layers) < 1:
-        smallest = 4 * args.num_conv_layers - 1
         raise UsageError(
-            f"--image-size {args.image_size} is too small for {args.num_conv_layers} conv layers "
-            f"(3x3, the first with stride 2): use at least {smallest}"
+            f"--image-size {args.image_size} is too small for {args.num_conv_layers} "
+            f"conv layers (3x3, the first with stride 2): use at least "
+            f"{4 * args.num_conv_layers - 1}"
         )
-    if args.benchmark:
-        return args  # writes nothing: no run folder
-    if args.out_dir is None:
+    if not args.benchmark:
         stamp = time.strftime("%Y%m%d-%H%M%S")
-        args.out_dir = os.path.join("runs", f"{args.domain}-{args.task}-s{args.seed}-{stamp}")
-    check_out_dir(args.out_dir)
+        if args.out_dir is None:
+            name = f"{args.domain}-{args.task}-s{args.seed}-{stamp}"
+            args.out_dir = os.path.join("runs", name)
+        check_out_dir(args.out_dir)
     return args
 
 
@@ -2018,266 +1970,110 @@ def check_out_dir(out_dir):
     while not os.path.exists(parent):  # the nearest part of the path that exists
         parent = os.path.dirname(parent)
     if not os.path.isdir(parent):
-        raise UsageError(
-            f"--out-dir {out_dir}: {parent} is a file, so no folder can be made under it"
-        )
+        raise UsageError(f"--out-dir {out_dir}: {parent} is a file, so no folder can be made in it")
     if not os.access(parent, os.W_OK | os.X_OK):
         raise UsageError(
             f"--out-dir {out_dir}: cannot write in {parent} (read-only filesystem or no permission)"
         )
 
 
-# ##################################################################################################
-# Tooling below: checkpoints and resume, --benchmark, --plot, main(). SAC+AE is all above.
-# ##################################################################################################
+# ====================================================================== --compile and CUDA graphs
+def compiled_step(agent, parts):
+    """update_step with these parts fixed, through torch.compile (LeanRL's way: the eager code
+    stays the code) and on a GPU replayed from a CUDA graph; each variant is compiled, and the
+    time printed, at its first use."""
+    key = tuple(parts.values())
+    if key in agent.compiled:
+        return agent.compiled[key]
+    import torch._functorch.config
+
+    # torch 2.13 on CPU sometimes crashed (SIGSEGV) writing the backward graph to AOTAutograd's
+    # on-disk cache; without that cache it never did.
+    torch._functorch.config.enable_autograd_cache = False
+    name = "update with critic" + "".join(", " + k[3:] for k, on in parts.items() if on)
+    step = torch.compile(functools.partial(agent.update_step, **parts))
+    if agent.cuda_graphs:
+        if not agent.compiled:  # what the variants share (see CapturedStep)
+            pool, stream = torch.cuda.graph_pool_handle(), torch.cuda.Stream(agent.device)
+            agent.graphs = {"pool": pool, "stream": stream, "failed": False}
+        step = CapturedStep(step, agent.device, name, agent.graphs)
+    agent.compiled[key] = step
+
+    def first_call(*batch):
+        began = time.perf_counter()
+        metrics = step(*batch)
+        say(f"[compile] {name}: compiled in {time.perf_counter() - began:.1f} s")
+        return metrics
+
+    return first_call
 
 
-# =========================================================================== checkpoints and resume
-class NonFiniteError(RuntimeError):
-    """A loss, action or parameter became NaN or inf."""
+class CapturedStep:
+    """fn replayed from a CUDA graph: the update's few hundred kernels launched as one, the GPU no
+    longer waiting on Python (PyTorch's "whole-network capture"; LeanRL's CudaGraphModule).
 
+    fn must keep its state in place (parameters, optimizer state with capturable Adam) and read
+    its tensors from its arguments, as update_step does. The arguments are copied into buffers of
+    fixed address and layout made at the first call, so torch.compile's guards see the same
+    inputs every time (the replay buffer's batch is strided views of one tensor, which a clone
+    would not be, and a recompile inside a capture breaks it). The first calls run fn on a side
+    stream (compilation, cuDNN's autotuner and the optimizer state are set up there), one call
+    records it, every later call replays it. An agent's variants share `graphs`: one memory pool
+    (they never run at once, and SACAE.update copies their outputs out before the next replay),
+    one capture stream on the agent's GPU, and the fate of the first failed capture, after which
+    no variant tries again and each runs uncaptured.
+    """
 
-class WriteError(RuntimeError):
-    """Writing into the run folder failed: disk full, read-only, removed."""
+    def __init__(self, fn, device, name, graphs, warmup=3):
+        self.fn, self.device, self.name, self.graphs, self.warmup = fn, device, name, graphs, warmup
+        self.calls, self.inputs, self.graph, self.outputs = 0, None, None, None
 
-
-class Interrupted(BaseException):
-    """A second SIGINT or SIGTERM: stop at once, without a checkpoint. Not an Exception (as
-    KeyboardInterrupt is not), so that no handler of faults mistakes it for one."""
-
-    def __init__(self, signum):
-        super().__init__(signal.Signals(signum).name)
-        self.signum = signum
-
-
-@contextlib.contextmanager
-def writing(what):
-    """Turn an OSError while writing `what` into one line that names it."""
-    try:
-        yield
-    except (OSError, RuntimeError) as e:
-        # torch.save's zip writer reports a failed write (a full disk) as a RuntimeError raised
-        # while handling the OSError: the OSError says what happened.
-        if type(e) is RuntimeError and isinstance(e.__context__, OSError):
-            e = e.__context__
-        if not isinstance(e, OSError):
-            raise  # our own errors (WriteError, NonFiniteError) and other faults pass
-        where = f" ({e.filename})" if e.filename else ""
-        raise WriteError(f"writing {what} failed: {e.strerror or e}{where}") from None
-
-
-@contextlib.contextmanager
-def atomic_write(path):
-    """Write path.tmp, fsync, rename: a crash at any moment leaves the old file or the new one."""
-    tmp = path + ".tmp"
-    try:
-        with open(tmp, "wb") as f:
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-    fd = os.open(os.path.dirname(path) or ".", os.O_RDONLY)
-    try:
-        os.fsync(fd)  # make the rename itself durable
-    finally:
-        os.close(fd)
-
-
-def zip_damage(path):
-    """What is wrong with a zip file that torch.save or np.savez wrote, or None when every member's
-    CRC-32 checks out (torch.load reads tensor data without checking them)."""
-    try:
-        with zipfile.ZipFile(path) as z:
-            bad = z.testzip()
-    except (OSError, zipfile.BadZipFile, EOFError) as e:
-        return f"not a complete zip file: {e}"
-    return f"CRC mismatch in {bad}" if bad else None
-
-
-CHECKPOINT_FORMAT = 2  # 2: networks saved as encoder, actor, critic, their targets, decoder
-
-
-def maths_config(args):
-    """The flags a checkpoint must agree on: all but those that do not change what is computed."""
-    return {k: v for k, v in sorted(vars(args).items()) if k not in RESUMABLE | MODES}
-
-
-def checkpoints(run_dir):
-    """[(env_step, replay_slots, path)] of the complete checkpoints of a run, oldest first."""
-    folder = os.path.join(run_dir, "checkpoints")
-    found = [
-        re.fullmatch(r"ckpt_(\d+)_(\d+)\.pt", name)
-        for name in (os.listdir(folder) if os.path.isdir(folder) else [])
-    ]
-    return sorted((int(m[1]), int(m[2]), os.path.join(folder, m[0])) for m in found if m)
-
-
-def latest_checkpoint(run_dir):
-    found = checkpoints(run_dir)
-    return found[-1][2] if found else None
-
-
-def rng_states(action_rng, buffer, device):
-    states = {
-        "python": random.getstate(),
-        "numpy": np.random.get_state(),
-        "torch": torch.get_rng_state(),
-        "actions": action_rng.bit_generator.state,
-        "replay": buffer.rng.bit_generator.state,
-    }
-    if device.type == "cuda":
-        states["cuda"] = torch.cuda.get_rng_state(device)
-    return states
-
-
-def set_rng_states(states, action_rng, buffer, device):
-    random.setstate(states["python"])
-    np.random.set_state(states["numpy"])
-    torch.set_rng_state(states["torch"])
-    action_rng.bit_generator.state, buffer.rng.bit_generator.state = (
-        states["actions"],
-        states["replay"],
-    )
-    if (
-        "cuda" in states and device.type == "cuda"
-    ):  # a run moved from CPU to GPU starts its CUDA stream fresh
-        torch.cuda.set_rng_state(states["cuda"], device)
-
-
-def check_parameters(agent, step):
-    finite = torch.stack([torch.isfinite(p).all() for p in agent.parameters()])
-    if not bool(finite.all()):
-        raise NonFiniteError(f"a parameter became NaN or inf by agent step {step}")
-
-
-def save_checkpoint(run_dir, args, loop, agent, buffer, env, eval_env, action_rng, logs):
-    """Replay slots added since the last checkpoint, then one file with everything else."""
-    check_parameters(agent, loop["agent_step"])  # never write a poisoned checkpoint
-    for log in logs.values():  # the rows the checkpoint counts must be on disk before it is
-        log.file.flush()
-        os.fsync(log.file.fileno())
-    folder = os.path.join(run_dir, "checkpoints")
-    os.makedirs(folder, exist_ok=True)
-    buffer.save_chunk(folder, loop["replay_saved"])
-    loop["replay_saved"] = buffer.t
-    payload = {
-        "format": CHECKPOINT_FORMAT,
-        "config": maths_config(args),
-        "loop": {
-            **loop,
-            "episode_metrics": loop["episode_metrics"].state_dict(),
-        },
-        "agent": agent.state_dict(),
-        "rng": rng_states(action_rng, buffer, agent.device),
-        "env": env.state_dict(),
-        "eval_env": eval_env.state_dict(),
-        "csv_bytes": {name: log.file.tell() for name, log in logs.items()},
-    }
-    path = os.path.join(folder, f"ckpt_{loop['env_step']:010d}_{buffer.t:012d}.pt")
-    with atomic_write(path) as f:
-        torch.save(payload, f)
-    kept = checkpoints(run_dir)
-    for _, _, old in kept[: -(args.keep_checkpoints + 1)]:
-        os.remove(old)
-    oldest_slots = kept[-(args.keep_checkpoints + 1) :][0][1]
-    for _, end, chunk in replay_chunks(folder):
-        if end <= oldest_slots - buffer.size:  # overwritten in the ring of every kept checkpoint
-            os.remove(chunk)
-    return path
-
-
-def load_checkpoint(run_dir, args, agent, buffer, env, eval_env, action_rng, device):
-    """Restore what save_checkpoint wrote; refuse unreadable or foreign checkpoints (UsageError)."""
-    found = checkpoints(run_dir)
-    _, slots, path = found[-1]
-    older = ", ".join(os.path.basename(p) for _, _, p in found[:-1]) or "none"
-    try:
-        damaged = zip_damage(path)
-        if damaged:
-            raise ValueError(damaged)
-        payload = torch.load(
-            path, map_location="cpu", weights_only=False
-        )  # our own file: numpy states inside
-        loop = payload["loop"]
-    except Exception as e:
-        raise UsageError(
-            f"checkpoint {path} is unreadable ({str(e).splitlines()[0][:100]}: truncated or "
-            "corrupt); "
-            f"older checkpoints: {older}; move it aside to resume from an older one"
-        ) from None
-    if payload.get("format") != CHECKPOINT_FORMAT:
-        raise UsageError(
-            f"checkpoint {path} was written by another version of sac_ae.py (format "
-            f"{payload.get('format')}, this one reads {CHECKPOINT_FORMAT}); it cannot continue "
-            "this run"
-        )
-    if payload.get("config") != maths_config(args):
-        theirs = payload.get("config") or {}
-        diff = sorted(
-            k
-            for k in set(theirs) | set(maths_config(args))
-            if theirs.get(k) != maths_config(args).get(k)
-        )
-        raise UsageError(
-            f"checkpoint {path} was written by an incompatible configuration "
-            f"(differs in {', '.join(diff[:3]) or 'format'}); it cannot continue this run"
-        )
-    for name, size in payload["csv_bytes"].items():
-        if (
-            not os.path.isfile(os.path.join(run_dir, name))
-            or os.path.getsize(os.path.join(run_dir, name)) < size
-        ):
-            raise UsageError(
-                f"{os.path.join(run_dir, name)} is shorter than checkpoint {path} recorded; the "
-                "run folder is damaged"
+    def __call__(self, *args):
+        if self.inputs is None:
+            self.inputs = [torch.empty_like(x, memory_format=torch.contiguous_format) for x in args]
+        torch._foreach_copy_(self.inputs, list(args))
+        if self.graph is not None:
+            self.graph.replay()
+            return self.outputs
+        if self.graphs["failed"]:
+            return self.fn(*self.inputs)
+        self.calls += 1
+        stream = torch.cuda.current_stream(self.device)
+        if self.calls <= self.warmup:
+            side = torch.cuda.Stream(self.device)
+            side.wait_stream(stream)
+            with torch.cuda.stream(side), warnings.catch_warnings():
+                # Adam warns that capturable=True is slower uncaptured: these calls only warm up.
+                warnings.filterwarnings("ignore", "This instance was constructed with capturable")
+                outputs = self.fn(*self.inputs)
+            stream.wait_stream(side)
+            return outputs
+        began, graph = time.perf_counter(), torch.cuda.CUDAGraph()
+        pool, capture_stream = self.graphs["pool"], self.graphs["stream"]
+        # A recompile cannot be captured: refused by name, with the guard that failed.
+        no_recompile = torch._dynamo.config.patch(error_on_recompile=True)
+        capture = torch.cuda.graph(graph, pool, capture_stream, capture_error_mode="thread_local")
+        try:
+            with no_recompile, capture:
+                outputs = self.fn(*self.inputs)  # recorded, not run
+        except RuntimeError as e:  # torch.AcceleratorError included
+            torch.cuda.set_stream(stream)  # a failed capture_end leaves the capture stream current
+            cause = e.__context__ or e  # the call the capture refused, if one did
+            self.graphs["failed"] = True
+            say(
+                f"[compile] {self.name}: CUDA-graph capture failed, so the compiled update runs "
+                f"without CUDA graphs ({str(cause).splitlines()[0]})"
             )
-    # Accepted: from here on the run folder is rewound to the checkpoint.
-    agent.load_state_dict(payload["agent"])
-    try:
-        buffer.load_chunks(os.path.join(run_dir, "checkpoints"), slots)
-    except UsageError as e:
-        raise UsageError(f"{e}; older checkpoints: {older}; move {path} aside to resume from "
-                         "an older one") from None  # fmt: skip
-    env.load_state_dict(payload["env"])
-    eval_env.load_state_dict(payload["eval_env"])
-    set_rng_states(payload["rng"], action_rng, buffer, device)
-    for name, size in payload["csv_bytes"].items():  # drop rows written after the checkpoint
-        with open(os.path.join(run_dir, name), "r+b") as f:
-            f.truncate(size)
-    for start, end, chunk in replay_chunks(os.path.join(run_dir, "checkpoints")):
-        if end > slots:  # written after this checkpoint by the run that stopped
-            os.remove(chunk)
-    metrics = EpisodeMetrics(device)
-    metrics.load_state_dict(loop["episode_metrics"])
-    loop["episode_metrics"] = metrics
-    return loop, path
-
-
-def export_model(run_dir, args, agent):
-    """RUN_DIR/model.pt: the trained networks alone, for torch.load(..., weights_only=True)."""
-    weights = {}  # on the CPU, so that torch.load reads it on a machine without (this) GPU
-    for name, net in agent.networks().items():
-        weights[name] = {k: t.cpu() for k, t in net.state_dict().items()}
-    with atomic_write(os.path.join(run_dir, "model.pt")) as f:
-        torch.save(
-            {**weights, "log_alpha": agent.log_alpha.detach().cpu(), "config": maths_config(args)},
-            f,
+            return self.fn(*self.inputs)  # this call's update, uncaptured
+        self.graph, self.outputs = graph, outputs
+        say(
+            f"[compile] {self.name}: captured in a CUDA graph in {time.perf_counter() - began:.1f} s"
         )
+        self.graph.replay()  # this call's update
+        return self.outputs
 
 
 # ====================================================================================== --benchmark
-def peak_resident_bytes():
-    """The process's peak resident memory (Linux reports kilobytes, macOS bytes)."""
-    import resource
-
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak if sys.platform == "darwin" else peak * 1024
-
-
 def benchmark(args):
     """Time updates on a buffer of random frames, and environment steps; print a table, a line."""
     device = pick_device(args.device)
@@ -2292,71 +2088,49 @@ def benchmark(args):
         action_repeat=args.action_repeat,
     )
     agent = SACAE(env.obs_shape, env.action_dim, device, args)
-    capacity = min(args.buffer_size, 10 * env.episode_length)
-    pixels = args.obs == "pixels"
-    buffer = ReplayBuffer(
-        env.frame_shape,
-        np.uint8 if pixels else np.float32,
-        args.frame_stack,
-        env.action_dim,
-        capacity,
-        env.episode_length,
-        seed=args.seed,
-        device=device,
-    )
+    buffer = replay_buffer(env, min(args.buffer_size, 10 * env.episode_length), args.seed, device)
     rng = np.random.default_rng(args.seed)
-
-    def random_obs():
-        return (
-            rng.integers(0, 256, env.obs_shape, dtype=np.uint8)
-            if pixels
-            else rng.standard_normal(env.obs_shape).astype(np.float32)
-        )
-
-    for i in range(capacity):
+    for i in range(buffer.capacity):
+        obs = rng.integers(0, 256, env.obs_shape, dtype=np.uint8)
+        if args.obs == "state":
+            obs = rng.standard_normal(env.obs_shape).astype(np.float32)
         if i % env.episode_length == 0:
-            buffer.add_first(random_obs())
-        buffer.add(
-            rng.uniform(-1, 1, env.action_dim).astype(np.float32), rng.random(), 1.0, random_obs()
-        )
+            buffer.add_first(obs)
+        buffer.add(rng.uniform(-1, 1, env.action_dim).astype(np.float32), rng.random(), 1.0, obs)
 
-    def sync():
+    def timed(fn, n):
         if device.type == "cuda":
             torch.cuda.synchronize()
+        began = time.perf_counter()
+        for step in range(n):
+            fn(step)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        return (time.perf_counter() - began) * 1000 / n
 
-    warmup = 4 + (6 if args.compile else 0)
-    for step in range(warmup):  # one-off costs: allocator, oneDNN/cuDNN plans, compilation
-        agent.update(buffer.sample(args.batch_size), step)
-    sync()
-    start = time.perf_counter()
-    for step in range(warmup, warmup + args.bench_updates):
-        agent.update(buffer.sample(args.batch_size), step)
-    sync()
-    ms_update = (time.perf_counter() - start) * 1000 / args.bench_updates
-    start = time.perf_counter()
-    for _ in range(args.bench_updates):
-        buffer.sample(args.batch_size)
-    sync()
-    ms_sample = (time.perf_counter() - start) * 1000 / args.bench_updates
-
+    warmup = 4 + (6 if args.compile else 0)  # one-off costs: allocator, kernel plans, compilation
+    timed(lambda step: agent.update(buffer.sample(args.batch_size), step), warmup)
+    n = args.bench_updates
+    ms_update = timed(lambda step: agent.update(buffer.sample(args.batch_size), warmup + step), n)
+    ms_sample = timed(lambda step: buffer.sample(args.batch_size), n)
     env.reset()
-    env_steps, start = 0, time.perf_counter()
-    while time.perf_counter() - start < 2.0 or env_steps < 10 * args.action_repeat:
+    env_steps, began = 0, time.perf_counter()
+    while time.perf_counter() - began < 2.0 or env_steps < 10 * args.action_repeat:
         _, _, _, done, steps = env.step(rng.uniform(-1, 1, env.action_dim))
         env_steps += steps
         if done:
             env.reset()
-    env_sps = env_steps / (time.perf_counter() - start)
-
-    name = (
-        "cpu"
-        if device.type == "cpu"
-        else "cuda:" + torch.cuda.get_device_name(device).replace(" ", "_")
-    )
-    mode = args.precision + (" + compile" if args.compile else "")
+    env_sps = env_steps / (time.perf_counter() - began)
+    name = "cpu" if device.type == "cpu" else "cuda:" + torch.cuda.get_device_name(device)
+    name, mode = name.replace(" ", "_"), args.precision + (" + compile" if args.compile else "")
     if agent.cuda_graphs:  # how many variants replay from a CUDA graph (a capture can fail)
         captured = sum(step.graph is not None for step in agent.compiled.values())
         mode += f" + CUDA graphs ({captured} of {len(agent.compiled)} variants)"
+    import resource
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (
+        1 if sys.platform == "darwin" else 1024
+    )
     rows = [
         (
             "task",
@@ -2366,32 +2140,29 @@ def benchmark(args):
         ("device / precision", f"{name} / {mode}"),
         ("threads", str(torch.get_num_threads())),
         ("batch", str(args.batch_size)),
-        ("ms per update (with sampling)", f"{ms_update:.1f}  over {args.bench_updates} updates"),
+        ("ms per update (with sampling)", f"{ms_update:.1f}  over {n} updates"),
         ("  of which sampling", f"{ms_sample:.1f}"),
         ("updates per second", f"{1000 / ms_update:.2f}"),
         (
             "env steps per second",
             f"{env_sps:.0f}  (action repeat {args.action_repeat}, rendering included)",
         ),
-        ("replay bytes per transition", f"{buffer.bytes_per_transition:,.0f}"),
-        ("peak resident memory", f"{peak_resident_bytes() / 2**30:.2f} GiB"),
+        ("replay", f"{buffer.bytes_per_transition:,.0f} B per transition, on {buffer.storage}"),
+        ("peak resident memory", f"{peak / 2**30:.2f} GiB"),
     ]
     if device.type == "cuda":
-        rows.append(
-            (
-                "peak CUDA memory",
-                f"{torch.cuda.max_memory_allocated(device) / 2**30:.2f} GiB allocated, "
-                f"{torch.cuda.max_memory_reserved(device) / 2**30:.2f} GiB reserved",
-            )
+        allocated, reserved = (
+            f(device) / 2**30
+            for f in (torch.cuda.max_memory_allocated, torch.cuda.max_memory_reserved)
         )
+        rows.append(("peak CUDA memory", f"{allocated:.2f} GiB allocated, {reserved:.2f} reserved"))
     width = max(len(k) for k, _ in rows)
     for k, v in rows:
         print(f"{k:<{width}}  {v}")
     print(
         f"benchmark ms_per_update={ms_update:.3f} updates_per_s={1000 / ms_update:.3f} "
-        f"env_steps_per_s={env_sps:.1f} "
-        f"replay_bytes_per_transition={round(buffer.bytes_per_transition)} device={name} "
-        f"precision={args.precision}"
+        f"env_steps_per_s={env_sps:.1f} replay_bytes_per_transition="
+        f"{round(buffer.bytes_per_transition)} device={name} precision={args.precision}"
     )
 
 
@@ -2426,18 +2197,12 @@ def plot(paths):
         x, y, s = read_eval_csv(path)
         folder = os.path.dirname(os.path.abspath(path))
         title = os.path.basename(folder)  # unless the run's config.json says more
-        try:
+        with contextlib.suppress(OSError, ValueError, KeyError, TypeError, AttributeError):
             with open(os.path.join(folder, "config.json")) as f:
                 c = json.load(f)
-            mode = (
-                "SAC:state"
-                if c["obs"] == "state"
-                else {"pixel": "SAC+AE", "none": "SAC:pixel", "vae": "SAC+VAE"}[c["decoder"]]
-            )
+            mode = {"pixel": "SAC+AE", "none": "SAC:pixel", "vae": "SAC+VAE"}[c["decoder"]]
+            mode = "SAC:state" if c["obs"] == "state" else mode
             title = f"{c['domain']} {c['task']}, {mode}, seed {c['seed']}, batch {c['batch_size']}"
-            title += f", {c['image_size']}px" if c["obs"] == "pixels" else ""
-        except (OSError, ValueError, KeyError, TypeError):
-            pass
         fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
         ax.plot(x, y, marker="o", markersize=3)
         ax.fill_between(x, y - s, y + s, alpha=0.25)
@@ -2445,70 +2210,74 @@ def plot(paths):
         ax.grid(alpha=0.3)
         fig.tight_layout()
         out = os.path.join(folder, "learning_curve.png")
-        with writing(out):
-            fig.savefig(out)
+        fig.savefig(out)
         plt.close(fig)
         print(f"[plot] {out}")
 
 
-# ============================================================================================= main
-def out_of_memory(e):
-    return isinstance(e, (MemoryError, torch.OutOfMemoryError)) or (
-        isinstance(e, RuntimeError)
-        and ("can't allocate memory" in str(e) or "out of memory" in str(e))
-    )
-
-
+# ============================================================================ main: the one boundary
 def main(argv=None):
-    if signal.getsignal(signal.SIGINT) is interrupted_while_starting:
-        signal.signal(signal.SIGINT, signal.default_int_handler)
+    """Run the command line. Every user mistake and every fault ends here in one line on stderr
+    and an exit status: 2 for a mistake, 1 for a fault, 128 + N for signal N."""
     args = None
     try:
         args = parse_args(argv)
         if args.plot:
             return plot(args.plot)
         return benchmark(args) if args.benchmark else train(args)
-    except UsageError as e:
-        print(f"sac_ae.py: error: {e}", file=sys.stderr)
-        return 2
-    except (RenderError, NonFiniteError, WriteError) as e:
-        print(f"sac_ae.py: error: {e}", file=sys.stderr)
-        return 1
-    except (KeyboardInterrupt, Interrupted) as e:
+    except (UsageError, KeyboardInterrupt, Interrupted, Exception) as e:
+        line, code = explain(e, args)
+        if line is None:
+            raise  # a bug: its traceback
+        print(f"sac_ae.py: error: {line}", file=sys.stderr)
+        return code
+
+
+def explain(e, args):
+    """(the one line, the exit status) for a mistake or a fault; (None, None) for a bug."""
+    run_dir = args.out_dir if args is not None and not args.benchmark and not args.plot else None
+    last, folder = latest_checkpoint(run_dir), run_dir and os.path.isdir(run_dir)
+    if last:
+        then = f"the last checkpoint {last} is intact: resume with python {sys.argv[0]} --resume {run_dir}"
+    elif folder:
+        then = f"no checkpoint was written yet: remove {run_dir} and start the run again"
+    else:
+        then = "nothing was written"
+    if isinstance(e, UsageError):
+        return str(e), 2
+    if isinstance(e, (KeyboardInterrupt, Interrupted)):
         signum = getattr(e, "signum", signal.SIGINT)
-        run_dir = (
-            getattr(args, "out_dir", None) if args is not None and not args.benchmark else None
-        )
-        folder = run_dir and os.path.isdir(run_dir)
-        last = latest_checkpoint(run_dir) if folder else None
         how = f"a second {signal.Signals(signum).name}" if isinstance(e, Interrupted) else "SIGINT"
-        if args is not None and args.benchmark:
-            then = "--benchmark stopped"
-        elif last:
-            then = f"resume from the last one with: python {sys.argv[0]} --resume {run_dir}"
-        elif folder:
-            then = f"no checkpoint exists yet: remove {run_dir} and start the run again"
-        else:
-            then = "no checkpoint exists yet: start the run again"
-        print(f"sac_ae.py: interrupted ({how}): stopped without writing a checkpoint; {then}",
-              file=sys.stderr)  # fmt: skip
-        return 128 + signum
-    except Exception as e:
-        if out_of_memory(e):
-            print(
-                f"sac_ae.py: error: out of memory ({str(e).splitlines()[0][:160]}); lower "
-                "--hidden-dim, --batch-size, --image-size or --buffer-size",
-                file=sys.stderr,
+        then = "--benchmark stopped" if args is not None and args.benchmark else then
+        return f"interrupted by {how}, at once; {then}", 128 + signum
+    if isinstance(e, (RenderError, NonFiniteError)):
+        return f"{e}; {then}" if isinstance(e, NonFiniteError) else str(e), 1
+    if type(e) is RuntimeError and isinstance(e.__context__, OSError):
+        e = e.__context__  # torch.save's zip writer reports a failed write so
+    if isinstance(e, OSError):
+        where = f" ({e.filename})" if e.filename else ""
+        if run_dir and not os.path.isdir(run_dir):
+            return (
+                f"{e.strerror or e}{where}: the run folder {run_dir} is gone; start the run again",
+                1,
             )
-            return 1
-        if type(e).__name__ == "PhysicsError":  # dm_control's simulator diverged
-            print(
-                f"sac_ae.py: error: the simulation became unstable ({e}); rerun with another "
-                "--seed or a lower learning rate",
-                file=sys.stderr,
-            )
-            return 1
-        raise
+        advice = {28: "free some space", 30: "make the disk writable", 13: "fix its permissions"}
+        then = f"{advice.get(e.errno, 'fix that')}; {then}"
+        if e.filename and str(e.filename).endswith("model.pt.tmp"):
+            then += " (it writes model.pt again)"
+        return f"writing the run folder failed: {e.strerror or e}{where}; {then}", 1
+    message = " ".join(str(e).split())
+    if isinstance(e, (MemoryError, torch.OutOfMemoryError)) or "can't allocate memory" in message:
+        return (
+            f"out of memory ({message}); lower --hidden-dim, --batch-size, --image-size or "
+            "--buffer-size"
+        ), 1
+    if type(e).__name__ == "PhysicsError":  # dm_control's simulator diverged
+        return (
+            f"the simulation became unstable ({message}); rerun with another --seed or a lower "
+            "learning rate"
+        ), 1
+    return None, None
 
 
 if __name__ == "__main__":

@@ -173,7 +173,7 @@ def soft_update(net, target, tau):
 
 
 # =============================================================================== the agent (Sec. 5)
-class SACAE:
+class SACAE(nn.Module):
     """SAC whose critic's encoder is also trained to reconstruct its input (SAC+AE).
 
     Networks: encoder (shared convs), actor and critic (each with its own latent head), decoder;
@@ -181,6 +181,7 @@ class SACAE:
     """
 
     def __init__(self, obs_shape, action_dim, device, args):
+        super().__init__()
         self.args, self.device = args, device
         pixels, dims = args.obs == "pixels", (args.feature_dim, action_dim, args.hidden_dim)
         self.encoder = Encoder(obs_shape, args.num_filters, args.num_conv_layers, pixels)
@@ -201,23 +202,16 @@ class SACAE:
         # The targets: a copy of the encoder (the target encoder) and of the critic.
         self.encoder_target = copy.deepcopy(self.encoder)
         self.critic_target = copy.deepcopy(self.critic)
-        self.log_alpha = torch.tensor(math.log(args.init_temperature))
+        self.log_alpha = nn.Parameter(torch.tensor(math.log(args.init_temperature)))
         self.target_entropy = -float(action_dim)  # -|A| (SAC's heuristic)
-        self.to(device)
+        self.to(device, memory_format=torch.channels_last)  # conv kernels NHWC, as their inputs
 
         def adam(params, lr, beta1=0.9, weight_decay=0.0):  # fused: one kernel per step
             params = [p for p in params if p.requires_grad]
             if not params:  # --freeze-encoder leaves the encoder's optimizer nothing to move
                 return None
-            capturable = self.cuda_graphs  # CUDA graphs need Adam's step counts on the GPU
-            return torch.optim.Adam(
-                params,
-                lr,
-                (beta1, 0.999),
-                weight_decay=weight_decay,
-                fused=True,
-                capturable=capturable,
-            )
+            kw = dict(fused=True, capturable=self.cuda_graphs)  # a CUDA graph needs capturable
+            return torch.optim.Adam(params, lr, (beta1, 0.999), weight_decay=weight_decay, **kw)
 
         # The critic's optimizer moves the encoder too; the actor's never does (Sec. 5).
         critic_params = [*self.encoder.parameters(), *self.critic.parameters()]
@@ -393,47 +387,14 @@ class SACAE:
         """--compile on a GPU replays the update from CUDA graphs (CapturedStep, below)."""
         return self.args.compile and self.device.type == "cuda"
 
-    def networks(self):
-        nets = dict(encoder=self.encoder, actor=self.actor, critic=self.critic)
-        nets.update(encoder_target=self.encoder_target, critic_target=self.critic_target)
-        return {**nets, "decoder": self.decoder} if self.decoder is not None else nets
-
     def optimizers(self):
         return {k: v for k, v in vars(self).items() if isinstance(v, torch.optim.Optimizer)}
-
-    def to(self, device):
-        for net in self.networks().values():
-            net.to(device, memory_format=torch.channels_last)  # conv kernels NHWC, as their inputs
-        self.log_alpha = self.log_alpha.to(device).requires_grad_()
-        return self
-
-    def parameters(self):
-        return [self.log_alpha, *(p for net in self.networks().values() for p in net.parameters())]
-
-    def train(self, training=True):
-        for net in self.networks().values():
-            net.train(training)
-
-    def state_dict(self):
-        state = {k: m.state_dict() for k, m in {**self.networks(), **self.optimizers()}.items()}
-        return {**state, "log_alpha": self.log_alpha.detach().clone()}
-
-    def load_state_dict(self, state):
-        for k, m in {**self.networks(), **self.optimizers()}.items():
-            m.load_state_dict(state[k])
-        for opt in self.optimizers().values():  # the checkpoint's run may have had other flags
-            for group in opt.param_groups:
-                group["capturable"] = self.cuda_graphs
-        self.compiled = {}  # CUDA graphs hold the old optimizer state's addresses: capture anew
-        with torch.no_grad():
-            self.log_alpha.copy_(state["log_alpha"])
 
     def load_encoder(self, weights):
         """Transfer (Fig. 7): the encoder and both latent heads from another run's weights; the
         target encoder and the target critic's head start as copies of them."""
-        self.encoder.load_state_dict(weights["encoder"])
-        for net, saved in ((self.critic, weights["critic"]), (self.actor, weights["actor"])):
-            net.head.load_state_dict({k[5:]: v for k, v in saved.items() if k[:5] == "head."})
+        parts = ("encoder.", "critic.head.", "actor.head.")
+        self.load_state_dict({k: v for k, v in weights.items() if k.startswith(parts)}, False)
         self.encoder_target.load_state_dict(self.encoder.state_dict())
         self.critic_target.head.load_state_dict(self.critic.head.state_dict())
 
@@ -483,11 +444,8 @@ class DMCEnv:
         self.frame_shape = (3, image_size, image_size) if obs == "pixels" else (self.state_dim,)
         self.obs_shape = (self.frame_shape[0] * frame_stack, *self.frame_shape[1:])
         limit = self.env._step_limit  # physics steps per episode
-        if not math.isfinite(limit) or action_repeat > limit:
-            raise UsageError(
-                f"--action-repeat {action_repeat}: {name}'s episodes last {limit} "
-                "steps; this script needs episodes that end and are longer"
-            )
+        if action_repeat > limit:
+            raise UsageError(f"--action-repeat {action_repeat} is longer than {name}'s episodes")
         self.episode_env_steps = round(limit)
         self.episode_length = math.ceil(limit / action_repeat)  # agent steps per episode
 
@@ -567,30 +525,17 @@ class ReplayBuffer:
     """
 
     def __init__(
-        self,
-        frame_shape,
-        frame_dtype,
-        frame_stack,
-        action_dim,
-        capacity,
-        episode_length,
-        seed=0,
-        device="cpu",
-        storage=None,
-    ):
-        self.k, self.frame_shape, self.capacity = frame_stack, tuple(frame_shape), capacity
-        self.device = torch.device(device)
-        self.storage = torch.device(storage or device)
-        self.size = capacity + math.ceil(capacity / episode_length) + 1 + frame_stack  # slots
-        frame_bytes = math.prod(frame_shape) * frame_dtype.itemsize
-        self.nbytes = self.size * (frame_bytes + 4 * (action_dim + 3))
-        self.frames = torch.empty((self.size, *frame_shape), dtype=frame_dtype, device=self.storage)
-        self.scalars = torch.empty(
-            (self.size, action_dim + 2), device=self.storage
-        )  # a, r, not-done
-        self.age = np.zeros(self.size, np.int32)  # on the host: sampling reads it there
-        self.t = 0  # slots ever written; slot t lives at index t % size
+        self, shape, dtype, k, action_dim, capacity, episode_len, seed=0, device="cpu", storage=None
+    ):  # shape: one frame's, (3, H, W) or (state_dim,); k frames stacked
+        self.frame_shape, self.k, self.capacity = tuple(shape), k, capacity
         self.rng = np.random.default_rng(seed)
+        self.device, self.storage = torch.device(device), torch.device(storage or device)
+        self.size = capacity + math.ceil(capacity / episode_len) + 1 + k  # slots in the ring
+        self.nbytes = self.size * (math.prod(shape) * dtype.itemsize + 4 * (action_dim + 3))
+        self.frames = torch.empty((self.size, *shape), dtype=dtype, device=self.storage)
+        self.scalars = torch.empty((self.size, action_dim + 2), device=self.storage)  # a, r, d
+        self.age = np.zeros(self.size, np.int32)  # on the host: sampling reads it there
+        self.t, self.has_transition = 0, False  # slots ever written; slot t is at t % size
 
     @property
     def bytes_per_transition(self):
@@ -610,9 +555,9 @@ class ReplayBuffer:
     def add(self, action, reward, not_done, next_obs):
         """A transition: keep the newest frame of next_obs; obs is already in the ring."""
         scalars = np.array([*action, reward, not_done], np.float32)
-        self._write(
-            next_obs[-self.frame_shape[0] :], self.age[(self.t - 1) % self.size] + 1, scalars
-        )
+        age = self.age[(self.t - 1) % self.size] + 1
+        self._write(next_obs[-self.frame_shape[0] :], age, scalars)
+        self.has_transition = True
 
     def _valid(self, t):
         """Slots that are transitions whose every frame is still in the ring."""
@@ -621,8 +566,7 @@ class ReplayBuffer:
 
     def sample_slots(self, n):
         """n transition slots, uniformly with replacement over the valid ones (by rejection)."""
-        valid = self._valid(np.arange(max(0, self.t - self.size), self.t)).any()
-        if not self.t or not valid:
+        if not self.has_transition:  # once there is one, the newest is valid: the loop ends
             raise RuntimeError("the replay buffer holds no transition yet")
         picked = []
         while sum(len(x) for x in picked) < n:
@@ -638,9 +582,8 @@ class ReplayBuffer:
         index = index.to(self.storage, non_blocking=True)
         frames, scalars = self.frames[index[:-b]], self.scalars[index[-b:]]
         if self.storage != self.device:  # a ring kept in host memory: pinned, then copied over
-            frames, scalars = (
-                x.pin_memory().to(self.device, non_blocking=True) for x in (frames, scalars)
-            )
+            frames = frames.pin_memory().to(self.device, non_blocking=True)
+            scalars = scalars.pin_memory().to(self.device, non_blocking=True)
         frames = frames.view(b, self.k + 1, *self.frame_shape)  # (B, k+1, C, H, W)
         obs = frames[:, : self.k].reshape(b, -1, *self.frame_shape[1:])  # (B, k*C, H, W)
         next_obs = frames[:, 1:].reshape(b, -1, *self.frame_shape[1:])
@@ -714,47 +657,10 @@ def reconstruction_image(obs, recon, frame_channels=3):
 
 
 # ==================================================================================== training loop
-METRICS = [
-    "critic_loss",
-    "q",
-    "actor_loss",
-    "alpha_loss",
-    "alpha",
-    "entropy",
-    "ae_loss",
-    "recon_loss",
-    "kl",
-]
-RETURNS = [f"episode_return_{k}" for k in ("mean", "std", "min", "max")]
-EVAL_FIELDS = ["env_step", "agent_step", *RETURNS, "episodes", "wall_time"]
-TRAIN_FIELDS = [
-    "env_step",
-    "agent_step",
-    "episode",
-    "episode_return",
-    "episode_length",
-    "updates",
-    *METRICS,
-    "fps",
-    "wall_time",
-]
-TENSORBOARD_TAGS = {  # CleanRL's names, so its users find the curves where they expect them
-    "charts/episodic_return": "episode_return",
-    "charts/SPS": "fps",
-    "losses/qf_loss": "critic_loss",
-    "losses/actor_loss": "actor_loss",
-    "losses/alpha": "alpha",
-    "losses/alpha_loss": "alpha_loss",
-    "losses/entropy": "entropy",
-    "losses/ae_loss": "ae_loss",
-    "losses/kl": "kl",
-}
-
-
 @dataclasses.dataclass
 class State:
     """Where a run stands. With the networks, the replay buffer, both environments and the random
-    generators, it is all that a checkpoint keeps; what is due next is a formula of it."""
+    generators it is all that a checkpoint keeps; what falls due next is a formula of it."""
 
     env_step: int = 0
     agent_step: int = 0
@@ -763,7 +669,7 @@ class State:
     episode_return: float = 0.0
     episode_env_steps: int = 0
     last_eval: int = -1  # env step of the last completed evaluation
-    last_checkpoint: int = 0
+    last_checkpoint: int = 0  # env step of the last checkpoint
     wall_time: float = 0.0  # seconds the run has taken, up to its last checkpoint
     action: np.ndarray = None  # this agent step's action, chosen before its updates
 
@@ -775,18 +681,18 @@ class State:
 
 
 def updates_due(agent_step, args):
-    """Updates run once agent step t's are: none before --init-steps, a burst of --init-updates at
+    """Updates done once agent step t's are: none before --init-steps, a burst of --init-updates at
     it (authors' code), then one per agent step."""
     return 0 if agent_step < args.init_steps else args.init_updates + agent_step - args.init_steps
 
 
 def train(args):
     """The training loop (the authors' train.py): act, update, step the environment, store."""
-    with stop_on_signal() as stop, Run(args) as run, progress(run):
-        s, agent, env, replay = run.state, run.agent, run.env, run.replay
+    with Run(args) as run:
+        s, agent, env, replay, stop = run.state, run.agent, run.env, run.replay, run.stop
         while s.env_step < args.total_steps and not stop:
             run.evaluate_if_due(stop)  # at env step 0 and every --eval-freq
-            if stop:  # the evaluation was cut short: the checkpoint keeps it to redo
+            if stop:  # it was cut short: the checkpoint keeps it to redo
                 break
             run.checkpoint_if_due()  # every --checkpoint-freq
             # Act: uniform random for the first --init-steps agent steps, then sample the policy.
@@ -802,7 +708,7 @@ def train(args):
             if stop:
                 break
             # Step the environment with the action chosen before the updates; store the newest
-            # frame, action, reward and not-done.
+            # frame, the action, reward and not-done.
             run.obs, reward, not_done, done, env_steps = env.step(s.action)
             replay.add(s.action, reward, not_done, run.obs)
             s.advance(reward, env_steps)
@@ -818,34 +724,34 @@ class Run:
     config.json; --resume restores every part from the run folder's latest checkpoint."""
 
     def __init__(self, args):
-        self.args, self.device = args, pick_device(args.device)
-        seed_everything(args.seed)
-        self.action_rng = np.random.default_rng(args.seed)  # the uniform actions of --init-steps
-        kw = dict(
-            obs=args.obs,
-            image_size=args.image_size,
-            frame_stack=args.frame_stack,
-            action_repeat=args.action_repeat,
-        )
-        self.env = DMCEnv(args.domain, args.task, args.seed, **kw)
-        self.eval_env = DMCEnv(args.domain, args.task, args.seed + EVAL_SEED_OFFSET, **kw)
-        self.obs = self.env.reset()  # renders: a GL failure shows here, before the run folder
-        if args.save_video:
-            self.eval_env.render(8)  # a state run renders its videos only: the same check
-        # --buffer-size, or fewer if the run has fewer agent steps (a resume that extends the run
-        # grows the ring to what an uninterrupted run of that length would have had).
-        capacity = min(args.buffer_size, self.env.agent_steps(args.total_steps))
-        self.replay = replay_buffer(self.env, capacity, args.seed, self.device)
-        self.agent = SACAE(self.env.obs_shape, self.env.action_dim, self.device, args)
-        self.state, self.metrics = State(), EpisodeMetrics(self.device)
-        self.held = contextlib.ExitStack()  # the logs and the folder's lock, closed at the end
-        try:
-            self.logs = open_run_folder(self)  # below the banner: new, or from a checkpoint
-        except BaseException:
-            self.held.close()
-            raise
-        self.start = time.time() - self.state.wall_time
-        self.clock = (time.perf_counter(), self.state.env_step)  # for fps
+        with contextlib.ExitStack() as held:  # undone at once if the set-up fails
+            self.held, self.stop = (
+                held,
+                stop_on_signal(held),
+            )  # below the banner, as all run-keeping
+            self.args, self.device = args, pick_device(args.device)
+            seed_everything(args.seed)
+            self.action_rng = np.random.default_rng(
+                args.seed
+            )  # the uniform actions of --init-steps
+            kw = dict(obs=args.obs, image_size=args.image_size, frame_stack=args.frame_stack)
+            kw["action_repeat"] = args.action_repeat
+            self.env = DMCEnv(args.domain, args.task, args.seed, **kw)
+            self.eval_env = DMCEnv(args.domain, args.task, args.seed + EVAL_SEED_OFFSET, **kw)
+            self.obs = self.env.reset()  # renders: a GL failure shows here, before the run folder
+            if args.save_video:
+                self.eval_env.render(8)  # a state run renders its videos only: the same check
+            # --buffer-size, or fewer if the run has fewer agent steps (a resume that extends the run
+            # grows the ring to what an uninterrupted run of that length would have had).
+            capacity = min(args.buffer_size, self.env.agent_steps(args.total_steps))
+            self.replay = replay_buffer(self.env, capacity, args.seed, self.device)
+            self.agent = SACAE(self.env.obs_shape, self.env.action_dim, self.device, args)
+            self.state, self.metrics = State(), EpisodeMetrics(self.device)
+            self.logs = open_run_folder(self)  # a new run, or this one restored from a checkpoint
+            self.start = time.time() - self.state.wall_time
+            self.clock = (time.perf_counter(), self.state.env_step)  # for fps
+            show_progress(self)
+            self.held = held.pop_all()  # else undone when training ends
 
     def __enter__(self):
         return self
@@ -856,25 +762,22 @@ class Run:
         if isinstance(error, NonFiniteError) and "action" in str(error):
             self.metrics.means()  # raises for the NaN or inf loss that came first, if one did
 
-    def path(self, *parts):
-        return os.path.join(self.args.out_dir, *parts)
-
     def random_action(self):
         return self.action_rng.uniform(-1.0, 1.0, self.env.action_dim).astype(np.float32)
 
     def evaluate_if_due(self, stop):
-        """At env step 0, every --eval-freq and at the end: eval.csv, TensorBoard, the linear probe
-        (Fig. 6) and a reconstruction. A signal cuts it short, to be redone on resume."""
-        s, args, agent, tb = self.state, self.args, self.agent, self.logs["tb"]
+        """At env step 0, every --eval-freq and at the end: the returns, the linear probe (Fig. 6)
+        and a reconstruction. A signal cuts it short, to be redone on resume."""
+        s, args, agent = self.state, self.args, self.agent
         end = s.env_step >= args.total_steps and s.last_eval != s.env_step
         if s.env_step // args.eval_freq <= s.last_eval // args.eval_freq and not end:
             return
-        began, before, pixels = (
+        began, pixels, before = (
             time.perf_counter(),
-            self.eval_env.state_dict(),
             args.obs == "pixels",
+            self.eval_env.state_dict(),
         )
-        video = self.path("video", f"eval_{s.env_step}.mp4") if args.save_video else None
+        video = self.logs.path("video", f"eval_{s.env_step}.mp4") if args.save_video else None
         agent.train(False)
         result = evaluate(self.eval_env, agent, args.eval_episodes, video, pixels, stop)
         agent.train(True)
@@ -883,36 +786,25 @@ class Run:
             return
         returns, latents, states, sample = result
         stats = [np.mean(returns), np.std(returns), np.min(returns), np.max(returns)]
-        row = {
-            "env_step": s.env_step,
-            "agent_step": s.agent_step,
-            "episodes": len(returns),
-            **dict(zip(RETURNS, map(float, stats))),
-            "wall_time": time.time() - self.start,
-        }
+        row = dict(env_step=s.env_step, agent_step=s.agent_step, **dict(zip(RETURNS, stats)))
+        row.update(episodes=len(returns), wall_time=time.time() - self.start)
         if pixels:
             row.update(linear_probe(latents, states, self.eval_env.state_groups))
-            tb.add_scalar("eval/probe_r2", row["probe_r2"], s.env_step)
+        picture = None
         if agent.decoder is not None and sample is not None:
             picture = reconstruction_image(sample, agent.reconstruct(sample))
-            write_png(self.path("recon", f"eval_{s.env_step}.png"), picture)
-            tb.add_image("eval/reconstruction", picture, s.env_step, dataformats="HWC")
-        self.logs["eval.csv"].write(row)
-        tb.add_scalar("eval/return", row["episode_return_mean"], s.env_step)
-        tb.flush()
+        self.logs.evaluation(row, picture)
         s.last_eval = s.env_step
-        steps = args.eval_episodes * self.eval_env.episode_env_steps
+        fps = args.eval_episodes * self.eval_env.episode_env_steps / (time.perf_counter() - began)
         probe = f" | probe R^2 {row['probe_r2']:.2f}" if pixels else ""
         say(
             f"[eval] env_step {s.env_step} (agent {s.agent_step}) | return {stats[0]:.1f} +- "
-            f"{stats[1]:.1f} over {len(returns)} episodes{probe} | "
-            f"fps {steps / (time.perf_counter() - began):.0f}"
+            f"{stats[1]:.1f} over {len(returns)} episodes{probe} | fps {fps:.0f}"
         )
 
     def checkpoint_if_due(self):
-        if self.state.env_step // self.args.checkpoint_freq > (
-            self.state.last_checkpoint // self.args.checkpoint_freq
-        ):
+        every = self.args.checkpoint_freq
+        if self.state.env_step // every > self.state.last_checkpoint // every:
             self.checkpoint()
 
     def checkpoint(self):
@@ -925,21 +817,10 @@ class Run:
         (which raises, naming it, if one is NaN or inf)."""
         s, (began, from_step), now = self.state, self.clock, time.perf_counter()
         fps = (s.env_step - from_step) / (now - began)  # this process's steps, evaluations too
-        row = {
-            "env_step": s.env_step,
-            "agent_step": s.agent_step,
-            "episode": s.episode,
-            "episode_return": s.episode_return,
-            "episode_length": s.episode_env_steps,
-            "updates": s.updates,
-            **self.metrics.means(),
-            "fps": fps,
-            "wall_time": time.time() - self.start,
-        }
-        self.logs["train.csv"].write(row)
-        for tag, key in TENSORBOARD_TAGS.items():
-            if key in row:
-                self.logs["tb"].add_scalar(tag, row[key], s.env_step)
+        row = dict(env_step=s.env_step, agent_step=s.agent_step, episode=s.episode)
+        row.update(episode_return=s.episode_return, episode_length=s.episode_env_steps)
+        row.update(updates=s.updates, **self.metrics.means(), fps=fps)
+        self.logs.write("train.csv", {**row, "wall_time": time.time() - self.start})
         say(
             f"[train] env_step {s.env_step} (agent {s.agent_step}) | episode {s.episode} | "
             f"return {s.episode_return:.1f} | fps {fps:.1f}"
@@ -957,87 +838,18 @@ class Run:
         path = self.checkpoint()
         if stop:
             say(
-                f"[stopped] {stop.name}: checkpoint {path}; resume with: python {sys.argv[0]} "
+                f"[stopped] {stop[0].name}: checkpoint {path}; resume with: python {sys.argv[0]} "
                 f"--resume {self.args.out_dir}"
             )
-            return 128 + stop.signum
+            return 128 + stop[0]
         if self.state.episode_env_steps:
             self.log_episode()
         export_model(self)
         say(
-            f"[done] {self.state.env_step} environment steps in "
-            f"{time.time() - self.start:.0f} s; weights in {self.path('model.pt')}"
+            f"[done] {self.state.env_step} environment steps in {time.time() - self.start:.0f} s; "
+            f"weights in {self.logs.path('model.pt')}"
         )
         return 0
-
-
-class EpisodeMetrics:
-    """The update metrics of one training episode, kept on the device until its one host sync.
-
-    Each update writes one row of a preallocated table: keeping each update's metrics as tensors
-    of their own, a few bytes each, pinned the allocator's heap between the batch's large
-    buffers, and resident memory grew with every update.
-    """
-
-    def __init__(self, device):
-        self.table = torch.zeros(64, len(METRICS), device=device)
-        self.steps, self.present, self.columns = [], [], {}
-
-    def add(self, step, metrics):
-        if len(self.steps) == len(self.table):  # grow by doubling: rare allocations
-            self.table = torch.cat([self.table, torch.zeros_like(self.table)])
-        names = tuple(n for n in METRICS if n in metrics)
-        if names not in self.columns:  # an index tensor on the device, made once per set of names
-            index = [METRICS.index(n) for n in names]
-            self.columns[names] = torch.tensor(index, device=self.table.device)
-        row = torch.stack([metrics[n].float() for n in names])
-        self.table[len(self.steps)].index_copy_(0, self.columns[names], row)
-        self.steps.append(step)
-        self.present.append(names)
-
-    def means(self):
-        """Each metric's mean over the episode's updates. Raises NonFiniteError naming the first
-        NaN or inf loss and the agent step it appeared at."""
-        values, means = self.table[: len(self.steps)].cpu(), {}
-        for j, name in enumerate(METRICS):
-            rows = [i for i, names in enumerate(self.present) if name in names]
-            if not rows:
-                continue
-            column = values[rows, j]
-            bad = (~torch.isfinite(column)).nonzero()
-            if len(bad):
-                i = int(bad[0])
-                step = self.steps[rows[i]]
-                raise NonFiniteError(f"{name} became {column[i].item()} at agent step {step}")
-            means[name] = column.mean().item()
-        return means
-
-    def clear(self):
-        self.steps, self.present = [], []
-
-    def state_dict(self):
-        values = self.table[: len(self.steps)].cpu()
-        return {"steps": self.steps, "present": self.present, "values": values}
-
-    def load_state_dict(self, state):
-        self.clear()
-        values = state["values"].to(self.table.device)  # a checkpoint's rows are on the CPU
-        for step, names, row in zip(state["steps"], state["present"], values):
-            self.add(step, {n: row[METRICS.index(n)] for n in names})
-
-
-class CSVLog:
-    """Append rows to a CSV file, writing the header once and flushing every row."""
-
-    def __init__(self, path, fields):
-        self.file = open(path, "a", newline="")
-        self.writer = csv.DictWriter(self.file, fieldnames=fields, extrasaction="ignore")
-        if self.file.tell() == 0:
-            self.writer.writeheader()
-
-    def write(self, row):
-        self.writer.writerow({k: f"{v:.6g}" if isinstance(v, float) else v for k, v in row.items()})
-        self.file.flush()
 
 
 def pick_device(name):
@@ -1062,460 +874,336 @@ def seed_everything(seed):
 
 
 # ##################################################################################################
-# SAC+AE ends here: all of it, the training loop included, is above. Below: the run-keeping that
-# wraps the loop (run folder, checkpoints and resume, signals, progress), the flags and their
-# checks, --compile's CUDA graphs, --benchmark, --plot, and main(), the one error boundary.
+# SAC+AE ends here: all of it, the training loop included, is above. Below is what wraps the loop:
+# logs, the run folder, checkpoints and resume, signals, --compile's CUDA graphs, --benchmark,
+# --plot, the flags and their checks, and main(), the one error boundary.
 # ##################################################################################################
 class UsageError(ValueError):
-    """A user mistake: reported as one line and exit status 2."""
-
-
-class RenderError(RuntimeError):
-    def __init__(self, cause):
-        super().__init__(
-            f"rendering with MUJOCO_GL={os.environ.get('MUJOCO_GL')} failed ({cause}); try "
-            "MUJOCO_GL=egl (GPU or Mesa EGL), MUJOCO_GL=osmesa (apt-get install libosmesa6) or "
-            "MUJOCO_GL=glfw (needs a display); --obs state runs without rendering under "
-            "MUJOCO_GL=disable"
-        )
+    """A user mistake: one line and exit status 2."""
 
 
 class NonFiniteError(RuntimeError):
     """A loss, action or parameter became NaN or inf."""
 
 
-class Interrupted(BaseException):
-    """A second SIGINT or SIGTERM: stop at once. Not an Exception (as KeyboardInterrupt is not),
-    so that no handler of faults mistakes it for one."""
+class RenderError(RuntimeError):
+    def __init__(self, cause):
+        gl = f"MUJOCO_GL={os.environ.get('MUJOCO_GL')}"
+        super().__init__(f"rendering with {gl} failed ({cause}); try MUJOCO_GL=egl or osmesa")
+
+
+class Interrupted(BaseException):  # not an Exception, as KeyboardInterrupt is not
+    """A second SIGINT or SIGTERM: stop at once."""
 
     def __init__(self, signum):
         super().__init__(signal.Signals(signum).name)
         self.signum = signum
 
 
-# ====================================================================== signals, console, progress
-class Stop:
-    """Set by the first SIGINT or SIGTERM; the training loop reads it."""
-
-    signum = None
-    name = property(lambda self: signal.Signals(self.signum).name)
-
-    def __bool__(self):
-        return self.signum is not None
-
-
-@contextlib.contextmanager
-def stop_on_signal():
-    """The first signal asks the loop to finish its update or step and write a checkpoint; a
-    second stops at once (Interrupted)."""
-    stop = Stop()
-
-    def handler(signum, frame):
-        if stop:
-            raise Interrupted(signum)
-        stop.signum = signum
-
-    saved = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        yield stop
-    finally:
-        for s, h in saved.items():
-            signal.signal(s, h)
+# ================================================================================ what a run logs
+METRICS = "critic_loss q actor_loss alpha_loss alpha entropy ae_loss recon_loss kl".split()
+RETURNS = [f"episode_return_{k}" for k in ("mean", "std", "min", "max")]
+EVAL_FIELDS = ["env_step", "agent_step", *RETURNS, "episodes", "wall_time"]
+TRAIN_FIELDS = "env_step agent_step episode episode_return episode_length updates".split()
+TRAIN_FIELDS += [*METRICS, "fps", "wall_time"]
+# TensorBoard under CleanRL's names, so that its users find the curves where they expect them.
+TAGS = dict(episode_return="charts/episodic_return", fps="charts/SPS", critic_loss="losses/qf_loss")
+TAGS.update({k: f"losses/{k}" for k in "actor_loss alpha alpha_loss entropy ae_loss kl".split()})
 
 
-def say(line):
-    """A console line, above the progress bar. If the console has gone (a closed pipe: `| head`),
-    the run goes on, writing its run folder, and the console is written to /dev/null."""
-    try:
-        tqdm.tqdm.write(line, file=sys.stdout)
-        sys.stdout.flush()
-    except (BrokenPipeError, ValueError):  # ValueError: sys.stdout was closed
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+class Logs:
+    """eval.csv and train.csv (each row flushed to disk) and TensorBoard, in the run folder."""
+
+    def __init__(self, run):
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.folder, groups = run.args.out_dir, run.eval_env.state_groups
+        probe = ["probe_r2", *(f"probe_r2_{name}" for name, _ in groups)]
+        fields = {"eval.csv": EVAL_FIELDS + probe * (run.args.obs == "pixels")}
+        self.files, self.csv = {}, {}
+        for name in ("eval.csv", "train.csv"):
+            self.files[name] = run.held.enter_context(open(self.path(name), "a", newline=""))
+            self.csv[name] = csv.DictWriter(self.files[name], fields.get(name, TRAIN_FIELDS))
+            if self.files[name].tell() == 0:
+                self.csv[name].writeheader()
+        # On resume, purge_step drops the events logged after the checkpoint, as the CSVs are cut.
+        purge = run.state.env_step + 1 if run.args.resume else None
+        self.tb = run.held.enter_context(SummaryWriter(self.path("tb"), purge_step=purge))
+
+    def path(self, *parts):
+        return os.path.join(self.folder, *parts)
+
+    def write(self, name, row, picture=None):
+        """A row of eval.csv or train.csv, and its TensorBoard scalars (and image)."""
+        self.csv[name].writerow({k: f"{v:.6g}" if type(v) is float else v for k, v in row.items()})
+        self.files[name].flush()
+        tags = TAGS if name == "train.csv" else {"episode_return_mean": "eval/return"}
+        for key in tags.keys() & row.keys() | {"probe_r2"} & row.keys():
+            self.tb.add_scalar(tags.get(key, "eval/probe_r2"), row[key], row["env_step"])
+        if picture is not None:
+            write_file(self.path("recon", f"eval_{row['env_step']}.png"), picture)
+            self.tb.add_image("eval/reconstruction", picture, row["env_step"], dataformats="HWC")
+
+    def sync(self):
+        """The rows so far on disk, before a checkpoint that counts them: their sizes in bytes."""
+        self.tb.flush()
+        for file in self.files.values():
+            os.fsync(file.fileno())
+        return {name: file.tell() for name, file in self.files.items()}
 
 
-@contextlib.contextmanager
-def progress(run, every=0.5, log_every=60.0):
-    """The progress line, redrawn from the run's State by a thread of its own, so the loop never
-    calls it: on a terminal a tqdm bar over environment steps (rate, ETA, updates, the burst); in
-    a log, a [burst] line every minute while the burst runs."""
-    s, args, stopped = run.state, run.args, threading.Event()
-    bar = tqdm.tqdm(
-        total=args.total_steps,
-        initial=s.env_step,
-        unit="env step",
-        leave=False,
-        disable=not sys.stdout.isatty(),
-        dynamic_ncols=True,
-    )
-    logged = time.monotonic()
+class EpisodeMetrics:
+    """The update metrics of one training episode, kept on the device until its one host sync.
 
-    def draw():
-        nonlocal logged
-        while not stopped.wait(every):
-            left = updates_due(s.agent_step, args) - s.updates
-            burst = f" (burst: {left:,} to go)" if left > 1 else ""
-            bar.set_postfix_str(f"{s.updates:,} updates{burst}", refresh=False)
-            bar.update(s.env_step - bar.n)
-            if bar.disable and burst and time.monotonic() - logged > log_every:
-                say(f"[burst] {s.updates:,} updates done, {left:,} to go")
-                logged = time.monotonic()
+    Each update writes one row of a preallocated table (keeping each update's metrics as tensors
+    of their own, a few bytes each, pinned the allocator's heap between the batch's large buffers:
+    resident memory grew with every update)."""
 
-    thread = threading.Thread(target=draw, daemon=True)
-    thread.start()
-    try:
-        yield bar
-    finally:
-        stopped.set()
-        thread.join()
-        bar.close()
+    def __init__(self, device):
+        self.table, self.columns = torch.zeros(64, len(METRICS), device=device), {}
+        self.clear()
+
+    def clear(self):
+        self.steps, self.present = [], []
+
+    def add(self, step, metrics):
+        if len(self.steps) == len(self.table):  # grow by doubling: rare allocations
+            self.table = torch.cat([self.table, torch.zeros_like(self.table)])
+        names = tuple(n for n in METRICS if n in metrics)
+        if names not in self.columns:  # an index tensor on the device, made once per set of names
+            index = [METRICS.index(n) for n in names]
+            self.columns[names] = torch.tensor(index, device=self.table.device)
+        row = torch.stack([metrics[n].float() for n in names])
+        self.table[len(self.steps)].index_copy_(0, self.columns[names], row)
+        self.steps.append(step)
+        self.present.append(names)
+
+    def means(self):
+        """Each metric's mean over the episode's updates; NonFiniteError for the first NaN or inf,
+        naming the metric and the agent step."""
+        values, means = self.table[: len(self.steps)].cpu(), {}
+        for j, name in enumerate(METRICS):
+            rows = [i for i, names in enumerate(self.present) if name in names]
+            for i in (i for i in rows if not values[i, j].isfinite()):
+                raise NonFiniteError(
+                    f"{name} became {values[i, j]:g} at agent step {self.steps[i]}"
+                )
+            if rows:
+                means[name] = values[rows, j].mean().item()
+        return means
+
+    def state_dict(self):
+        return dict(steps=self.steps, present=self.present, values=self.table[: len(self.steps)])
+
+    def load_state_dict(self, state):
+        self.clear()
+        values = state["values"].to(self.table.device)  # once, not row by row
+        for step, names, row in zip(state["steps"], state["present"], values):
+            self.add(step, {n: row[METRICS.index(n)] for n in names})
 
 
-# ========================================================================= the run folder, resume
+# ====================================================================== the run folder and resume
 def replay_buffer(env, capacity, seed, device):
-    """The run's replay buffer: in GPU memory when it fits there with 2 GiB to spare for the
-    networks, else in host memory (said so); refused in one line when it fits in neither."""
-    dtype = torch.uint8 if env.obs_type == "pixels" else torch.float32
-    args = (
-        env.frame_shape,
-        dtype,
-        env.frames.maxlen,
-        env.action_dim,
-        capacity,
-        env.episode_length,
-        seed,
-        device,
-    )
-    need, storage = ReplayBuffer(*args, storage="meta").nbytes, device  # sized, not allocated
-    if device.type == "cuda" and need + 2**31 > torch.cuda.mem_get_info(device)[0]:
-        free = torch.cuda.mem_get_info(device)[0] / 2**30
-        say(
-            f"[replay] its {need / 2**30:.1f} GiB do not fit in the GPU's {free:.1f} GiB free: "
-            "it stays in host memory, and each batch is copied over"
-        )
+    """In GPU memory when it fits there with 2 GiB to spare, else in host memory (said so)."""
+    dtype, k = torch.uint8 if env.obs_type == "pixels" else torch.float32, env.frames.maxlen
+    shape = (env.frame_shape, dtype, k, env.action_dim, capacity, env.episode_length)
+    need, storage = ReplayBuffer(*shape, storage="meta").nbytes / 2**30, device  # sized, not made
+    gpu = torch.cuda.mem_get_info(device)[0] / 2**30 if device.type == "cuda" else 0
+    if device.type == "cuda" and need + 2 > gpu:
+        say(f"[replay] {need:.1f} GiB, and the GPU has {gpu:.1f} free: it is kept in host memory")
         storage = torch.device("cpu")
-    free = available_memory()
-    if storage.type == "cpu" and free is not None and need > free:
-        raise UsageError(
-            f"the replay buffer needs {need / 2**30:.1f} GiB for {capacity:,} "
-            f"transitions but only {free / 2**30:.1f} GiB is free; lower "
-            "--buffer-size (or --total-steps with --resume)"
-        )
-    return ReplayBuffer(*args, storage=storage)
-
-
-def available_memory():
-    """Bytes the kernel says a new allocation can have (Linux), else None."""
+    free = math.inf  # GiB a new allocation can have, as Linux says
     with contextlib.suppress(OSError, KeyError, ValueError), open("/proc/meminfo") as f:
-        return int(dict(line.split(":", 1) for line in f)["MemAvailable"].split()[0]) * 1024
+        free = int(dict(line.split(":", 1) for line in f)["MemAvailable"].split()[0]) / 2**20
+    if storage.type == "cpu" and need > free:
+        raise UsageError(
+            f"the replay buffer needs {need:.1f} GiB, {free:.1f} are free: lower --buffer-size"
+        )
+    return ReplayBuffer(*shape, seed, device, storage)
 
 
 def open_run_folder(run):
-    """A new run: the folder, config.json, and the first frame in the replay buffer. --resume:
-    every part restored from the latest checkpoint, the logs cut back to it. Then the logs."""
-    args = run.args
+    """A new run: the folder, and the first frame in the replay buffer. --resume: every part
+    restored from the latest checkpoint, the logs cut back to it. Then config.json and the logs."""
+    args, r = run.args, run.replay
     if args.resume:
-        lock_folder(run)
-        path = load_checkpoint(run)
-        s, run.obs = run.state, run.env.observation()
-        left = updates_due(s.agent_step, args) - s.updates
-        burst = f", {left:,} updates of the burst to go" if left > 1 else ""
+        path, s = load_checkpoint(run), run.state
+        run.obs, left = run.env.observation(), updates_due(s.agent_step, args) - s.updates
+        burst = f", {left:,} of the burst to go" if left > 1 else ""
         say(
-            f"[resume] {args.out_dir} from {os.path.basename(path)}: env step {s.env_step}, "
-            f"agent step {s.agent_step}, {s.updates:,} updates{burst}"
+            f"[resume] {os.path.basename(path)}: env step {s.env_step}, {s.updates:,} updates{burst}"
         )
     else:
         if args.load_encoder:
             load_encoder(run.agent, args.load_encoder)
         os.makedirs(args.out_dir, exist_ok=True)
-        lock_folder(run)
-        if os.listdir(args.out_dir):  # another run began writing it since the flags were checked
-            raise UsageError(f"--out-dir {args.out_dir} is no longer empty; give a new folder")
-        run.replay.add_first(run.obs)
-    # Every resolved flag, and facts of this process (a resume writes them anew).
-    facts = dict(device_resolved=str(run.device), versions=versions())
-    facts.update(episode_length_agent_steps=run.env.episode_length, replay_capacity=run.replay.capacity)
-    write_json(run.path("config.json"), {**vars(args), **facts})
-    for folder, wanted in (("video", args.save_video), ("recon", run.agent.decoder is not None)):
-        if wanted:
-            os.makedirs(run.path(folder), exist_ok=True)
-    groups = run.eval_env.state_groups
-    probe = ["probe_r2", *(f"probe_r2_{g}" for g, _ in groups)] if args.obs == "pixels" else []
-    logs = {
-        "eval.csv": CSVLog(run.path("eval.csv"), EVAL_FIELDS + probe),
-        "train.csv": CSVLog(run.path("train.csv"), TRAIN_FIELDS),
-    }
-    for log in logs.values():
-        run.held.callback(log.file.close)
-    from torch.utils.tensorboard import SummaryWriter
+        r.add_first(run.obs)
+    for folder in ["recon"] * (run.agent.decoder is not None) + ["video"] * args.save_video:
+        os.makedirs(os.path.join(args.out_dir, folder), exist_ok=True)
+    # Every resolved flag, and facts of the process that started or last resumed the run.
+    import importlib.metadata as md
 
-    # On resume, purge_step drops events logged after the checkpoint, as the CSVs are cut.
-    logs["tb"] = SummaryWriter(run.path("tb"), purge_step=run.state.env_step + 1 if args.resume else None)
-    run.held.callback(logs["tb"].close)
-    unlisted = "" if args.domain in ACTION_REPEAT else " (default for unlisted domains)"
-    burst = f"{args.init_updates:,} updates at agent step {args.init_steps:,}, then one per step"
+    versions = {p: md.version(p) for p in ("torch", "numpy", "dm_control", "mujoco")}
+    facts = dict(device_resolved=str(run.device), replay_capacity=r.capacity, versions=versions)
+    write_file(os.path.join(args.out_dir, "config.json"), {**vars(args), **facts})
+    unlisted = " (default for unlisted domains)" * (args.domain not in ACTION_REPEAT)
     say(
-        f"[setup] {args.domain}-{args.task} seed {args.seed} | obs {args.obs} decoder "
-        f"{args.decoder} | action repeat {args.action_repeat}{unlisted} | device {run.device} | "
-        f"replay {run.replay.capacity:,} transitions, {run.replay.nbytes / 2**30:.2f} GiB on "
-        f"{run.replay.storage} ({run.replay.bytes_per_transition:,.0f} B each) | {burst} | "
-        f"{args.out_dir}"
+        f"[setup] {args.domain}-{args.task} seed {args.seed} | obs {args.obs} decoder {args.decoder}"
+        f" | action repeat {args.action_repeat}{unlisted} | device {run.device} | replay "
+        f"{r.capacity:,} transitions, {r.nbytes / 2**30:.2f} GiB on {r.storage} | {args.out_dir}"
     )
-    return logs
-
-
-def lock_folder(run):
-    """An exclusive lock (flock) on the run folder while this process writes it: a second run or
-    resume of the same folder is refused instead of interleaving their files."""
-    import fcntl
-
-    fd = os.open(run.args.out_dir, os.O_RDONLY)
-    run.held.callback(os.close, fd)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        raise UsageError(
-            f"{run.args.out_dir} is being written by another sac_ae.py process; "
-            "wait for it to end or stop it"
-        ) from None
-    except OSError as e:  # NFS, Lustre, some FUSE: no flock on a folder
-        say(
-            f"[lock] cannot lock {run.args.out_dir} ({e.strerror}): nothing stops a second "
-            "process from writing into it"
-        )
-
-
-def write_json(path, data):
-    with atomic_write(path) as f:
-        f.write(json.dumps(data, indent=2).encode())
-
-
-def write_png(path, picture):
-    import imageio.v3 as iio
-
-    with atomic_write(path) as f:
-        f.write(iio.imwrite("<bytes>", picture, extension=".png"))
+    return Logs(run)
 
 
 @contextlib.contextmanager
 def atomic_write(path):
     """Write path.tmp, fsync, rename: a crash at any moment leaves the old file or the new one."""
-    tmp = path + ".tmp"
     try:
-        with open(tmp, "wb") as f:
+        with open(path + ".tmp", "wb") as f:
             yield f
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
+        os.replace(path + ".tmp", path)
     except BaseException:
         with contextlib.suppress(OSError):
-            os.remove(tmp)
+            os.remove(path + ".tmp")
         raise
     fd = os.open(os.path.dirname(path) or ".", os.O_RDONLY)
-    try:
-        os.fsync(fd)  # make the rename itself durable
-    finally:
-        os.close(fd)
+    os.fsync(fd)  # the rename itself, made durable
+    os.close(fd)
 
 
-def zip_damage(path):
-    """What is wrong with a zip file that torch.save or np.savez wrote, or None when every member's
-    CRC-32 checks out (torch.load reads tensor data without checking them)."""
+def write_file(path, data):
+    """path written atomically: torch.save's .pt, .json, or a .png encoded in memory."""
+    import imageio.v3 as iio
+
+    with atomic_write(path) as f:
+        if path.endswith(".pt"):
+            torch.save(data, f)
+        else:
+            png = path.endswith(".png") and iio.imwrite("<bytes>", data, extension=".png")
+            f.write(png or json.dumps(data, indent=2).encode())
+
+
+def read_file(path):
+    """torch.load of our own .pt (numpy inside), or np.load of an .npz, once every CRC-32 of its
+    zip checks out (torch.load checks none); ValueError saying what is wrong."""
     try:
         with zipfile.ZipFile(path) as z:
             bad = z.testzip()
     except (OSError, zipfile.BadZipFile, EOFError) as e:
-        return f"not a complete zip file: {e}"
-    return f"CRC mismatch in {bad}" if bad else None
+        raise ValueError(f"not a complete zip file: {e}") from None
+    if bad:
+        raise ValueError(f"CRC mismatch in {bad}")
+    return np.load(path) if path.endswith(".npz") else torch.load(path, "cpu", weights_only=False)
 
 
-def versions():
-    import importlib.metadata as md
-
-    out = {"python": sys.version.split()[0], "torch": torch.__version__, "numpy": np.__version__}
-    return {**out, **{pkg: md.version(pkg) for pkg in ("dm_control", "mujoco")}}
-
-
-CHECKPOINT_FORMAT = 3  # 3: the loop's State as a dataclass, replay frames and scalars as tensors
-
-
-def checkpoints(run_dir):
-    """[(env_step, replay_slots, path)] of the complete checkpoints of a run, oldest first."""
-    folder = os.path.join(run_dir, "checkpoints")
-    names = os.listdir(folder) if os.path.isdir(folder) else []
-    found = [re.fullmatch(r"ckpt_(\d+)_(\d+)\.pt", name) for name in names]
+def checkpoints(run_dir, pattern=r"ckpt_(\d+)_(\d+)\.pt"):
+    """[(env_step, replay_slots, path)] of a run's complete checkpoints, oldest first; with the
+    replay chunks' pattern, [(start, end, path)] of the chunks, holding replay slots [start, end)."""
+    folder = os.path.join(run_dir or "", "checkpoints")
+    found = [
+        re.fullmatch(pattern, n) for n in (os.listdir(folder) if os.path.isdir(folder) else [])
+    ]
     return sorted((int(m[1]), int(m[2]), os.path.join(folder, m[0])) for m in found if m)
 
 
-def latest_checkpoint(run_dir):
-    found = checkpoints(run_dir) if run_dir and os.path.isdir(run_dir) else []
-    return found[-1][2] if found else None
-
-
-def replay_chunks(folder):
-    """(start, end, path) of the replay chunk files in folder, in order: each holds the replay
-    slots [start, end), written once, by the checkpoint made when slot end - 1 was the newest."""
-    found = [re.fullmatch(r"replay_(\d+)_(\d+)\.npz", name) for name in os.listdir(folder)]
-    return sorted((int(m[1]), int(m[2]), os.path.join(folder, m[0])) for m in found if m)
-
-
-def replay_gap(folder, slots, size):
-    """The first range of slots that a checkpoint at `slots` needs (the ring's last `size`) and no
-    intact chunk holds, as "a..b", or None."""
-    need = max(0, slots - size)
-    for start, end, path in replay_chunks(folder):
-        if end <= need or start >= slots:
-            continue
-        if start > need or zip_damage(path):
-            return f"{need}..{min(end, slots) if start <= need else start}"
-        need = end
-    return f"{need}..{slots}" if need < slots else None
+CHECKPOINT_FORMAT, CHUNKS = 3, r"replay_(\d+)_(\d+)\.npz"  # 3: State, frames and scalars
 
 
 def save_checkpoint(run):
     """The replay slots added since the last checkpoint as a chunk of their own, then one file with
-    everything else, each atomically; then older checkpoints beyond --keep-checkpoints, and the
-    chunks that no kept checkpoint needs, are removed."""
-    s, args, replay = run.state, run.args, run.replay
+    all else, each written atomically; then checkpoints beyond --keep-checkpoints, and the chunks
+    that no kept checkpoint needs, are removed."""
+    s, args, replay, folder = run.state, run.args, run.replay, run.logs.path("checkpoints")
     run.metrics.means()  # raises on a NaN or inf loss: never write a poisoned checkpoint
-    finite = torch.stack([torch.isfinite(p).all() for p in run.agent.parameters()])
-    if not bool(finite.all()):
+    if not torch.stack([torch.isfinite(p).all() for p in run.agent.parameters()]).all():
         raise NonFiniteError(f"a parameter became NaN or inf by agent step {s.agent_step}")
-    for name in ("eval.csv", "train.csv"):  # the rows the checkpoint counts, on disk before it
-        os.fsync(run.logs[name].file.fileno())
-    run.logs["tb"].flush()
-    folder = run.path("checkpoints")
+    csv_bytes, chunks = run.logs.sync(), checkpoints(args.out_dir, CHUNKS)
     os.makedirs(folder, exist_ok=True)
-    start = max(
-        max((end for _, end, _ in replay_chunks(folder)), default=0), replay.t - replay.size
-    )
+    start = max([replay.t - replay.size, *(end for _, end, _ in chunks)])
     if start < replay.t:
-        index = torch.from_numpy(np.arange(start, replay.t) % replay.size)
+        i = torch.from_numpy(np.arange(start, replay.t) % replay.size)
+        frames, scalars = (x[i.to(x.device)].cpu().numpy() for x in (replay.frames, replay.scalars))
         with atomic_write(os.path.join(folder, f"replay_{start:012d}_{replay.t:012d}.npz")) as f:
-            np.savez(
-                f,
-                frames=replay.frames[index.to(replay.storage)].cpu().numpy(),
-                scalars=replay.scalars[index.to(replay.storage)].cpu().numpy(),
-                age=replay.age[index.numpy()],
-            )
-    rng = {
-        "python": random.getstate(),
-        "numpy": np.random.get_state(),
-        "torch": torch.get_rng_state(),
-        "actions": run.action_rng.bit_generator.state,
-        "replay": replay.rng.bit_generator.state,
-    }
-    if run.device.type == "cuda":
-        rng["cuda"] = torch.cuda.get_rng_state(run.device)
-    payload = {
-        "format": CHECKPOINT_FORMAT,
-        "args": vars(args),
-        "state": dataclasses.asdict(s),
-        "metrics": run.metrics.state_dict(),
-        "agent": run.agent.state_dict(),
-        "rng": rng,
-        "env": run.env.state_dict(),
-        "eval_env": run.eval_env.state_dict(),
-        "csv_bytes": {k: run.logs[k].file.tell() for k in ("eval.csv", "train.csv")},
-    }
+            np.savez(f, frames=frames, scalars=scalars, age=replay.age[i.numpy()])
+    rng = dict(python=random.getstate(), numpy=np.random.get_state(), torch=torch.get_rng_state())
+    rng.update(actions=run.action_rng, replay=replay.rng)  # numpy Generators, pickled whole
+    rng["cuda"] = torch.cuda.get_rng_state(run.device) if run.device.type == "cuda" else None
+    optimizers = {k: opt.state_dict() for k, opt in run.agent.optimizers().items()}
+    payload = dict(format=CHECKPOINT_FORMAT, args=vars(args), state=dataclasses.asdict(s), rng=rng)
+    payload.update(agent=run.agent.state_dict(), optimizers=optimizers, csv=csv_bytes)
+    payload.update(metrics=run.metrics.state_dict(), env=run.env.state_dict())
+    payload["eval_env"] = run.eval_env.state_dict()
     path = os.path.join(folder, f"ckpt_{s.env_step:010d}_{replay.t:012d}.pt")
-    with atomic_write(path) as f:
-        torch.save(payload, f)
-    kept = checkpoints(args.out_dir)
-    for _, _, old in kept[: -(args.keep_checkpoints + 1)]:
+    write_file(path, payload)
+    found = checkpoints(args.out_dir)
+    kept = found[-args.keep_checkpoints - 1 :]
+    for _, _, old in found[: -len(kept)]:
         os.remove(old)
-    oldest = kept[-(args.keep_checkpoints + 1) :][0][1]
-    for _, end, chunk in replay_chunks(folder):
-        if end <= oldest - replay.size:  # overwritten in the ring of every kept checkpoint
+    for _, end, chunk in checkpoints(args.out_dir, CHUNKS):
+        if end <= kept[0][1] - replay.size:  # overwritten in the ring of every kept checkpoint
             os.remove(chunk)
     return path
 
 
 def load_checkpoint(run):
-    """Restore what save_checkpoint wrote. A damaged or foreign checkpoint is refused in one line
-    (UsageError) before anything in the run folder changes."""
-    args, replay, folder = run.args, run.replay, run.path("checkpoints")
-    found = checkpoints(args.out_dir)
-    _, slots, path = found[-1]
-    older = [p for _, t, p in found[:-1] if not zip_damage(p)]
-    if older:
-        remedy = f"move it aside to resume from the one before, {os.path.basename(older[-1])}"
-    else:
-        remedy = "there is no intact older checkpoint: start the run again"
+    """Restore what save_checkpoint wrote. A damaged or foreign checkpoint is refused in one line,
+    and the run folder changes only once everything has been read."""
+    args, replay, run_dir = run.args, run.replay, run.args.out_dir
+    found, chunks = checkpoints(run_dir), checkpoints(run_dir, CHUNKS)
+    (_, slots, path), need = found[-1], max(0, found[-1][1] - replay.size)
+
+    def refuse(problem, usable):  # the newest older checkpoint that does without the problem
+        fix = [f"move it aside to resume from {p}" for _, t, p in found[:-1] if usable(t)][-1:]
+        raise UsageError(f"checkpoint {path} {problem}; {(fix or ['start the run again'])[0]}")
+
     try:
-        damage = zip_damage(path)
-        if damage:
-            raise ValueError(damage)
-        payload = torch.load(path, map_location="cpu", weights_only=False)  # ours: numpy inside
+        payload = read_file(path)
         state = State(**payload["state"])
     except Exception as e:
-        why = " ".join(str(e).split()) or type(e).__name__
-        raise UsageError(f"checkpoint {path} is damaged or truncated ({why}); {remedy}") from None
-    if payload.get("format") != CHECKPOINT_FORMAT:
+        refuse(f"is damaged ({' '.join(str(e).split())})", lambda t: True)
+    theirs = maths_config(argparse.Namespace(**payload["args"]))
+    for k in sorted(k for k in theirs.keys() & vars(args).keys() if theirs[k] != vars(args)[k]):
         raise UsageError(
-            f"checkpoint {path} was written by another version of sac_ae.py (format "
-            f"{payload.get('format')}, this one reads {CHECKPOINT_FORMAT})"
+            f"{run_dir}/config.json says {k} {vars(args)[k]!r}, but the checkpoint was "
+            f"trained with {theirs[k]!r}: put config.json back as the run wrote it"
         )
-    theirs, mine = maths_config(argparse.Namespace(**payload["args"])), maths_config(args)
-    for k in sorted(theirs.keys() & mine.keys()):
-        if theirs[k] != mine[k]:
-            raise UsageError(
-                f"--resume {args.out_dir}: config.json says {k} {mine[k]!r} but "
-                f"checkpoint {os.path.basename(path)} was trained with {theirs[k]!r}; "
-                "put config.json back as the run wrote it"
-            )
-    for name, size in payload["csv_bytes"].items():
-        if not os.path.isfile(run.path(name)) or os.path.getsize(run.path(name)) < size:
-            raise UsageError(
-                f"{run.path(name)} is shorter than checkpoint {path} recorded; the "
-                "run folder is damaged"
-            )
-    gap = replay_gap(folder, slots, replay.size)
-    if gap:
-        usable = [p for _, t, p in found[:-1] if not replay_gap(folder, t, replay.size)]
-        remedy = (
-            f"move it aside to resume from {os.path.basename(usable[-1])}"
-            if usable
-            else "no older checkpoint has its replay either: the run cannot be resumed from "
-            "these files; start it again"
-        )
-        raise UsageError(
-            f"checkpoint {path} needs replay slots {gap}, which no intact chunk in "
-            f"{folder} holds; {remedy}"
-        )
-    # Accepted: from here on the run is rewound to the checkpoint, its folder too.
+    for start, end, chunk in (c for c in chunks if c[0] < slots and c[1] > need):
+        if start > need:
+            refuse(f"needs replay slots {need}..{start}, which no chunk holds", lambda t: t <= need)
+        try:
+            with read_file(chunk) as data:
+                i = torch.from_numpy(np.arange(need, end) % replay.size).to(replay.storage)
+                replay.frames[i] = torch.from_numpy(data["frames"][need - start :]).to(i.device)
+                replay.scalars[i] = torch.from_numpy(data["scalars"][need - start :]).to(i.device)
+                replay.age[i.cpu().numpy()] = data["age"][need - start :]
+        except ValueError as e:
+            refuse(f"needs {os.path.basename(chunk)}, which is damaged ({e})", lambda t: t <= need)
+        need = end
+    if need < slots:
+        refuse(f"needs replay slots {need}..{slots}, which no chunk holds", lambda t: t <= need)
+    replay.t, ages = slots, replay.age[np.arange(max(0, slots - replay.size), slots) % replay.size]
+    replay.has_transition = bool((ages > 0).any())
+    # All read: from here on the run is rewound to the checkpoint, its folder too.
     run.agent.load_state_dict(payload["agent"])
-    replay.t, need = slots, max(0, slots - replay.size)
-    for start, end, chunk_path in replay_chunks(folder):
-        lo, hi = max(start, need), min(end, slots)
-        if lo < hi:
-            with np.load(chunk_path) as chunk:
-                i, part = (
-                    torch.from_numpy(np.arange(lo, hi) % replay.size),
-                    slice(lo - start, hi - start),
-                )
-                replay.frames[i.to(replay.storage)] = torch.from_numpy(chunk["frames"][part]).to(
-                    replay.storage
-                )
-                replay.scalars[i.to(replay.storage)] = torch.from_numpy(chunk["scalars"][part]).to(
-                    replay.storage
-                )
-                replay.age[i.numpy()] = chunk["age"][part]
-        elif start >= slots:  # written after this checkpoint by the run that stopped
-            os.remove(chunk_path)
-    replay.has_transition = bool((replay.age[np.arange(need, slots) % replay.size] > 0).any())
+    for k, opt in run.agent.optimizers().items():
+        opt.load_state_dict(payload["optimizers"][k])
+        for group in opt.param_groups:  # the checkpoint's run may have had other flags
+            group["capturable"] = run.agent.cuda_graphs
     run.env.load_state_dict(payload["env"])
     run.eval_env.load_state_dict(payload["eval_env"])
     rng = payload["rng"]
     random.setstate(rng["python"])
     np.random.set_state(rng["numpy"])
     torch.set_rng_state(rng["torch"])
-    run.action_rng.bit_generator.state = rng["actions"]
-    replay.rng.bit_generator.state = rng["replay"]
-    if "cuda" in rng and run.device.type == "cuda":  # a run moved from CPU starts CUDA's afresh
+    run.action_rng, replay.rng = rng["actions"], rng["replay"]
+    if rng["cuda"] is not None and run.device.type == "cuda":  # a run from a CPU: CUDA's afresh
         torch.cuda.set_rng_state(rng["cuda"], run.device)
-    for name, size in payload["csv_bytes"].items():  # drop rows written after the checkpoint
-        with open(run.path(name), "r+b") as f:
-            f.truncate(size)
+    for _, _, chunk in (c for c in chunks if c[0] >= slots):  # written after it, by the run itself
+        os.remove(chunk)
+    for log, size in payload["csv"].items():  # drop the rows written after the checkpoint
+        os.truncate(os.path.join(run_dir, log), size)
     run.state = state
     run.metrics.load_state_dict(payload["metrics"])
     return path
@@ -1523,13 +1211,8 @@ def load_checkpoint(run):
 
 def export_model(run):
     """RUN_DIR/model.pt: the trained networks alone, for torch.load(..., weights_only=True)."""
-    weights = {
-        name: {k: t.cpu() for k, t in net.state_dict().items()}  # readable without a GPU
-        for name, net in run.agent.networks().items()
-    }
-    weights["log_alpha"] = run.agent.log_alpha.detach().cpu()
-    with atomic_write(run.path("model.pt")) as f:
-        torch.save({**weights, "config": maths_config(run.args)}, f)
+    weights = {k: t.cpu() for k, t in run.agent.state_dict().items()}  # loads without a GPU
+    write_file(run.logs.path("model.pt"), {"agent": weights, "config": maths_config(run.args)})
 
 
 def load_encoder(agent, path):
@@ -1537,463 +1220,80 @@ def load_encoder(agent, path):
     a checkpoint file (transfer, Fig. 7)."""
     file = os.path.join(path, "model.pt") if os.path.isdir(path) else path
     try:
-        damage = zip_damage(file)
-        if damage:
-            raise ValueError(damage)
-        saved = torch.load(file, map_location="cpu", weights_only=False)
-        config = saved.get("config") or maths_config(argparse.Namespace(**saved["args"]))
-        weights = saved.get("agent", saved)  # a checkpoint, or model.pt
-        weights["encoder"], weights["critic"], weights["actor"]
-    except Exception as e:
-        raise UsageError(
-            f"--load-encoder {path}: no encoder weights of this version of sac_ae.py "
-            f"in {file} ({' '.join(str(e).split())})"
-        ) from None
-    if config.get("obs") == "state":
-        raise UsageError(f"--load-encoder {path}: a SAC:state run has no encoder to give")
-    try:
+        saved = read_file(file)
+        weights, config = saved["agent"], saved.get("config") or saved["args"]
+        if config["obs"] == "state":
+            raise ValueError("a SAC:state run has no encoder to give")
         agent.load_encoder(weights)
-    except RuntimeError as e:
+    except Exception as e:  # load_state_dict's lines after its first each name a difference
+        why = (str(e).splitlines()[1:] or [repr(e)])[0].strip()
         raise UsageError(
-            f"--load-encoder {path}: its encoder does not fit this one (image size, "
-            f"filters, layers or feature dim differ: {' '.join(str(e).split())})"
-        )
+            f"--load-encoder {path}: no encoder for this run in {file} ({why})"
+        ) from None
 
 
-# ====================================================================== flags: the manual is --help
-class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    def _get_help_string(self, action):  # defaults that are resolved later say so in their help
-        return action.help if action.default is None else super()._get_help_string(action)
+# ====================================================================== signals, console, progress
+def stop_on_signal(held):
+    """A list the training loop reads: empty until a SIGINT or SIGTERM, which asks the loop to
+    finish its update or step and write a checkpoint; a second signal stops at once."""
+    stop = []
+
+    def handler(signum, frame):
+        if stop:
+            raise Interrupted(signum)
+        stop.append(signal.Signals(signum))
+
+    for s in (signal.SIGINT, signal.SIGTERM):
+        held.callback(signal.signal, s, signal.signal(s, handler))
+    return stop
 
 
-class Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line through main()'s error boundary, not a usage dump
-        raise UsageError(message)
-
-
-def checked(convert, valid, what):
-    """An argparse type: convert the text; refuse what is not `valid`, saying `what` it must be."""
-
-    def parse(text):
-        with contextlib.suppress(ValueError):
-            value = convert(text)
-            if valid(value):
-                return value
-        raise argparse.ArgumentTypeError(f"must be {what}, got '{text}'")
-
-    return parse
-
-
-positive_int = checked(int, lambda v: v > 0, "a positive integer")
-nonnegative_int = checked(int, lambda v: v >= 0, "an integer >= 0")
-seed_int = checked(
-    int,
-    lambda v: 0 <= v < 2**32 - EVAL_SEED_OFFSET,  # numpy's, less the offset
-    f"an integer in [0, {2**32 - EVAL_SEED_OFFSET - 1}]",
-)
-bits_int = checked(int, lambda v: 1 <= v <= 8, "an integer in [1, 8]")
-positive_float = checked(float, lambda v: 0 < v < math.inf, "a positive number")
-nonnegative_float = checked(float, lambda v: 0 <= v < math.inf, "a number >= 0")
-unit_float = checked(float, lambda v: 0 <= v <= 1, "a number in [0, 1]")
-beta_float = checked(float, lambda v: 0 <= v < 1, "a number in [0, 1), as Adam needs")
-finite_float = checked(float, math.isfinite, "a finite number")
-device_name = checked(
-    str, lambda v: re.fullmatch(r"auto|cpu|cuda(:\d+)?", v), "auto, cpu, cuda or cuda:N"
-)
-RESUMABLE = "run: what may change on --resume"
-MODES = "run folder and modes"
-
-
-def build_parser():
-    # fmt: off
-    p = Parser(prog="sac_ae.py", formatter_class=HelpFormatter, description=__doc__.split("\n\n")[0]
-               + " Every hyperparameter defaults to the paper's and the authors' code; budgets "
-               "count environment steps (agent steps x action repeat), as the paper's plots do.")
-    g = p.add_argument_group("task")
-    g.add_argument("--domain", default="cheetah", help="dm_control suite domain")
-    g.add_argument("--task", default="run", help="task of that domain")
-    g.add_argument("--seed", type=seed_int, default=1,
-                   help="seeds python, numpy, torch and both environments")
-    g.add_argument("--obs", default="pixels", choices=["pixels", "state"],
-                   help="pixels: SAC+AE from images; state: SAC on proprioceptive states, no "
-                   "encoder or decoder (the paper's upper baseline, SAC:state)")
-    g.add_argument("--decoder", default=None, choices=["pixel", "vae", "none"],
-                   help="pixel: deterministic regularized autoencoder (SAC+AE); vae: beta-VAE "
-                   "with a stochastic encoder head (Sec. 4); none: no reconstruction (SAC:pixel, "
-                   "the lower baseline) [default: pixel with --obs pixels]")
-    g = p.add_argument_group(RESUMABLE)
-    g.add_argument("--total-steps", type=positive_int, default=500_000,
-                   help="environment steps of training")
-    g.add_argument("--device", type=device_name, default="auto",
-                   help="auto, cpu, cuda or cuda:N; auto picks cuda when available. EGL renders "
-                   "on the GPU that MUJOCO_EGL_DEVICE_ID names (EGL's own numbering)")
-    g.add_argument("--checkpoint-freq", type=positive_int, default=None,
-                   help="environment steps between checkpoints [default: --eval-freq]")
-    g.add_argument("--keep-checkpoints", type=nonnegative_int, default=1,
-                   help="older checkpoints kept besides the latest")
-    g.add_argument("--save-video", action="store_true",
-                   help="mp4 of the first episode of each evaluation in RUN_DIR/video")
-    g = p.add_argument_group(MODES)
-    g.add_argument("--out-dir", default=None,
-                   help="run folder, must be new or empty [default: "
-                   "runs/{domain}-{task}-s{seed}-{timestamp}]")
-    g.add_argument("--resume", default=None, metavar="RUN_DIR",
-                   help="continue that run from its latest checkpoint with its saved "
-                   f"configuration; only the flags under '{RESUMABLE}' may be given with it")
-    g.add_argument("--benchmark", action="store_true",
-                   help="no training: time updates on a replay buffer of random frames and "
-                   "environment steps, print a table and a final `benchmark ...` line")
-    g.add_argument("--bench-updates", type=positive_int, default=20,
-                   help="updates timed by --benchmark after warm-up (even: actor and targets keep "
-                   "their rate)")
-    g.add_argument("--plot", nargs="+", default=None, metavar="EVAL_CSV",
-                   help="no training: draw each eval.csv as learning_curve.png beside it (needs "
-                   "matplotlib)")
-    g = p.add_argument_group("environment")
-    g.add_argument("--action-repeat", type=positive_int, default=None,
-                   help="times each action is applied [default: per domain, PlaNet's: "
-                   + ", ".join(f"{k} {v}" for k, v in ACTION_REPEAT.items())
-                   + f"; else {DEFAULT_REPEAT}]")
-    g.add_argument("--frame-stack", type=positive_int, default=None,
-                   help="consecutive observations stacked [default: 3 for pixels, 1 for states]")
-    g.add_argument("--image-size", type=positive_int, default=84,
-                   help="rendered frames are square, this many pixels")
-    g = p.add_argument_group("replay and schedule")
-    g.add_argument("--buffer-size", type=positive_int, default=1_000_000,
-                   help="replay capacity in transitions (capped at the run's agent steps)")
-    g.add_argument("--init-steps", type=positive_int, default=1000,
-                   help="agent steps of uniform random actions before the first update")
-    g.add_argument("--init-updates", type=positive_int, default=None,
-                   help="updates run at once when --init-steps is reached, then one per agent "
-                   "step [default: --init-steps, as the authors' code]")
-    g.add_argument("--batch-size", type=positive_int, default=128, help="transitions per update")
-    g.add_argument("--eval-freq", type=positive_int, default=10_000,
-                   help="environment steps between evaluations")
-    g.add_argument("--eval-episodes", type=positive_int, default=10, help="episodes per evaluation")
-    g = p.add_argument_group("speed")
-    g.add_argument("--precision", default="fp32", choices=["fp32", "bf16"],
-                   help="fp32: float32 throughout (TF32 off on GPUs); bf16: autocast the conv and "
-                   "MLP work to bfloat16 (fast on CPUs with bf16 units, slow elsewhere); "
-                   "parameters, losses and optimizer state stay float32")
-    g.add_argument("--compile", action="store_true",
-                   help="torch.compile the whole update (each variant compiled at first use, "
-                   "tens of seconds on CPU) and on a GPU replay it from CUDA graphs; same maths")
-    g = p.add_argument_group("SAC")
-    g.add_argument("--gamma", type=unit_float, default=0.99, help="discount")
-    g.add_argument("--critic-lr", type=positive_float, default=1e-3,
-                   help="Adam lr of the critic (and its encoder)")
-    g.add_argument("--critic-beta", type=beta_float, default=0.9, help="Adam beta1 of the critic")
-    g.add_argument("--critic-tau", type=unit_float, default=0.01,
-                   help="soft target update rate of the Q heads")
-    g.add_argument("--encoder-tau", type=unit_float, default=0.05,
-                   help="soft target update rate of the target encoder")
-    g.add_argument("--target-update-freq", type=positive_int, default=2,
-                   help="soft target update on agent steps divisible by N (the initial burst "
-                   "shares one step)")
-    g.add_argument("--actor-lr", type=positive_float, default=1e-3, help="Adam lr of the actor")
-    g.add_argument("--actor-beta", type=beta_float, default=0.9, help="Adam beta1 of the actor")
-    g.add_argument("--actor-update-freq", type=positive_int, default=2,
-                   help="actor and temperature step on agent steps divisible by N (the burst "
-                   "shares one step)")
-    g.add_argument("--actor-log-std-min", type=finite_float, default=-10.0,
-                   help="lower bound of the policy's log std")
-    g.add_argument("--actor-log-std-max", type=finite_float, default=2.0,
-                   help="upper bound of the policy's log std")
-    g.add_argument("--init-temperature", type=positive_float, default=0.1, help="initial alpha")
-    g.add_argument("--alpha-lr", type=positive_float, default=1e-4, help="Adam lr of log alpha")
-    g.add_argument("--alpha-beta", type=beta_float, default=0.5, help="Adam beta1 of log alpha")
-    g.add_argument("--hidden-dim", type=positive_int, default=1024,
-                   help="width of the actor and Q MLPs")
-    g = p.add_argument_group("encoder and autoencoder")
-    g.add_argument("--feature-dim", type=positive_int, default=50, help="latent size z")
-    g.add_argument("--num-filters", type=positive_int, default=32,
-                   help="channels of every conv layer")
-    g.add_argument("--num-conv-layers", type=positive_int, default=4,
-                   help="conv layers of the encoder (and decoder)")
-    g.add_argument("--encoder-lr", type=positive_float, default=1e-3,
-                   help="Adam lr of the encoder's reconstruction step")
-    g.add_argument("--decoder-lr", type=positive_float, default=1e-3, help="Adam lr of the decoder")
-    g.add_argument("--decoder-weight-decay", type=nonnegative_float, default=1e-7,
-                   help="L2 penalty on decoder weights (RAE)")
-    g.add_argument("--decoder-latent-lambda", type=nonnegative_float, default=1e-6,
-                   help="weight of the latent penalty 0.5||z||^2 (RAE)")
-    g.add_argument("--ae-update-freq", type=positive_int, default=1,
-                   help="autoencoder step on agent steps divisible by N (the initial burst shares "
-                   "one step)")
-    g.add_argument("--ae-bits", type=bits_int, default=5,
-                   help="bit depth of the reconstruction target, 1 to 8")
-    g.add_argument("--ae-grad", default="end-to-end", choices=["end-to-end", "separate"],
-                   help="end-to-end: the critic's gradient also trains the encoder (SAC+AE, Sec. "
-                   "4.4/5); separate: only the reconstruction loss does, RL heads read a detached "
-                   "latent (Sec. 4.3)")
-    g.add_argument("--vae-beta", type=nonnegative_float, default=1e-6,
-                   help="weight of the KL term with --decoder vae (Sec. 4.3: beta in [1e-8, 1e-6] "
-                   "worked best)")
-    g.add_argument("--load-encoder", default=None, metavar="PATH",
-                   help="initialise the encoder and both latent heads from a run folder (its "
-                   "model.pt) or a model.pt / checkpoint file (transfer, Fig. 7)")
-    g.add_argument("--freeze-encoder", action="store_true",
-                   help="with --load-encoder: keep the loaded encoder and both latent heads fixed "
-                   "(the paper's Fig. 7 lets the critic train them)")
-    return p
-    # fmt: on
-
-
-@functools.cache
-def group(title):
-    """The flags (dests) under one heading of --help: the groups say what may change on resume."""
-    parser = build_parser()
-    return {a.dest for g in parser._action_groups if g.title == title for a in g._group_actions}
-
-
-def maths_config(args):
-    """The flags a run's checkpoints must agree on: all but how long, where, and the modes."""
-    return {k: v for k, v in sorted(vars(args).items()) if k not in group(RESUMABLE) | group(MODES)}
-
-
-def resumable(args):
-    return {k: getattr(args, k) for k in group(RESUMABLE)}
-
-
-def parse_args(argv=None):
-    """Parse and check everything that can be checked before building anything (UsageError)."""
-    parser, typer = build_parser(), build_parser()
-    args = parser.parse_args(argv)
-    typer.set_defaults(**dict.fromkeys(vars(args)))  # so only what argv gives is not None
-    typed = {k: v for k, v in vars(typer.parse_args(argv)).items() if v is not None}
-    if args.plot:
-        for path in args.plot:
-            read_eval_csv(path)  # refuse a missing, empty or foreign file before drawing any
-        refuse(typed, dict.fromkeys(set(vars(args)) - {"plot"}, "--plot only draws eval.csv files"))
-        return args
-    if args.resume is not None:
-        return resume_args(parser, args.resume, typed)
-    check_device(args.device)
-    resolve_args(args)
-    refuse(typed, ignored_flags(args))
-    return args
-
-
-def refuse(typed, why):
-    """UsageError if a flag of `why` ({dest: reason}) was given a value other than its default:
-    it would be ignored without a word."""
-    defaults = vars(build_parser().parse_args([]))
-    given = sorted(k for k, v in typed.items() if k in why and v != defaults[k])
-    if given:
-        raise UsageError(f"--{given[0].replace('_', '-')} has no effect: {why[given[0]]}")
-
-
-def ignored_flags(args):
-    """{dest: why} of the flags that this configuration never reads (later rows win)."""
-    table = [
-        (
-            args.obs == "state",
-            "image_size num_filters num_conv_layers feature_dim encoder_tau",
-            "--obs state has no conv encoder and no latent head",
-        ),
-        (
-            args.decoder == "none",
-            "encoder_lr decoder_lr decoder_weight_decay ae_bits "
-            "decoder_latent_lambda ae_update_freq vae_beta",
-            "--decoder none has no decoder",
-        ),
-        (args.decoder == "pixel", "vae_beta", "it weights the KL term of --decoder vae"),
-        (
-            args.decoder == "vae",
-            "decoder_latent_lambda",
-            "--decoder vae has its KL term instead of this penalty",
-        ),
-        (
-            args.freeze_encoder,
-            "encoder_lr encoder_tau decoder_latent_lambda ae_grad",
-            "--freeze-encoder keeps the encoder and its latent heads fixed",
-        ),
-        (not args.benchmark, "bench_updates", "it sets how many updates --benchmark times"),
-        (
-            args.benchmark,
-            "out_dir total_steps init_steps init_updates eval_freq eval_episodes "
-            "checkpoint_freq keep_checkpoints save_video load_encoder freeze_encoder",
-            "--benchmark trains nothing",
-        ),
-    ]
-    return {k: why for on, flags, why in table if on for k in flags.split()}
-
-
-def resume_args(parser, run_dir, typed):
-    """The run's saved configuration, with the flags that may change on resume applied."""
-    refused = sorted(set(typed) - group(RESUMABLE) - {"resume"})
-    if refused:
-        raise UsageError(
-            f"--{refused[0].replace('_', '-')} cannot be given with --resume (the run "
-            f"keeps its folder and configuration); only the flags under "
-            f"'{RESUMABLE}' in --help may"
-        )
-    if not run_dir.strip():
-        raise UsageError("--resume is empty; give a run folder")
-    if not os.path.isdir(run_dir):
-        raise UsageError(f"--resume {run_dir}: no such folder")
-    if not os.access(run_dir, os.W_OK | os.X_OK):
-        raise UsageError(
-            f"--resume {run_dir}: cannot write in it (read-only filesystem or no permission)"
-        )
-    found = checkpoints(run_dir)
+def say(line):
+    """A console line, above the progress bar. When the console has gone (a closed pipe: `| head`)
+    the run goes on writing its run folder, and the console into /dev/null."""
     try:
-        with open(os.path.join(run_dir, "config.json")) as f:
-            config = json.load(f)
-        if not isinstance(config, dict):
-            raise ValueError("not a JSON object")
-    except FileNotFoundError:
-        if not found:
-            raise UsageError(f"--resume {run_dir}: no config.json, so not a run folder") from None
-        config = torch.load(found[-1][2], map_location="cpu", weights_only=False)["args"]
-        say(
-            f"[resume] {run_dir} has no config.json: its configuration is read from "
-            f"{os.path.basename(found[-1][2])}, and config.json is written again"
-        )
-    except (OSError, ValueError) as e:
-        remedy = (
-            "its checkpoints hold the configuration too: move config.json aside and resume "
-            "again to have it rewritten from them"
-            if found
-            else "no checkpoint holds it"
-        )
-        raise UsageError(f"--resume {run_dir}: config.json is unreadable ({e}); {remedy}") from None
-    defaults = vars(parser.parse_args([]))  # a flag newer than the run: its default
-    args = argparse.Namespace(
-        **{
-            **defaults,
-            **{k: v for k, v in config.items() if k in defaults},
-            **typed,
-            "resume": run_dir,
-            "out_dir": run_dir,
-        }
-    )
-    check_device(args.device)
-    if not found:
-        raise UsageError(
-            f"--resume {run_dir}: no checkpoint in {os.path.join(run_dir, 'checkpoints')}"
-        )
-    if found[-1][0] >= args.total_steps + args.action_repeat:  # its last step may overshoot
-        raise UsageError(
-            f"--total-steps {args.total_steps}: the run is already at environment "
-            f"step {found[-1][0]}; give at least that"
-        )
-    return args
+        tqdm.tqdm.write(line, file=sys.stdout)
+        sys.stdout.flush()
+    except (BrokenPipeError, ValueError):  # ValueError: sys.stdout was closed
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
 
 
-def check_device(name):
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise UsageError(f"--device {name} but CUDA is not available; valid here: auto, cpu")
-    if name.startswith("cuda") and int(name.partition(":")[2] or 0) >= torch.cuda.device_count():
-        raise UsageError(
-            f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) are visible"
-        )
+def show_progress(run, every=0.5):
+    """A progress line redrawn from the run's State by a thread of its own: on a terminal a tqdm bar
+    over environment steps (rate, ETA, updates); in a log a [burst] line a minute in a burst."""
+    s, args, done, tty = run.state, run.args, threading.Event(), sys.stdout.isatty()
+    bar = tqdm.tqdm(total=args.total_steps, initial=s.env_step, leave=False, disable=not tty)
 
+    def draw(logged=time.monotonic()):
+        while not done.wait(every):
+            left = updates_due(s.agent_step, args) - s.updates
+            bar.set_postfix_str(f"{s.updates:,} updates" + f" (burst: {left:,} to go)" * (left > 1))
+            bar.update(s.env_step - bar.n)
+            if left > 1 and not tty and time.monotonic() - logged > 60:
+                say(f"[burst] {s.updates:,} updates done, {left:,} to go")
+                logged = time.monotonic()
 
-def resolve_args(args):
-    """Fill the per-task defaults and refuse inconsistent input (UsageError)."""
-    suite = load_suite()
-    domains = sorted({d for d, _ in suite.ALL_TASKS})
-    if args.domain not in domains:
-        raise UsageError(f"unknown domain '{args.domain}'; valid domains: {', '.join(domains)}")
-    tasks = sorted(t for d, t in suite.ALL_TASKS if d == args.domain)
-    if args.task not in tasks:
-        raise UsageError(
-            f"unknown task '{args.task}' for domain {args.domain}; valid tasks: {', '.join(tasks)}"
-        )
-    if args.obs == "state" and args.decoder in ("pixel", "vae"):
-        raise UsageError(
-            f"--decoder {args.decoder} needs --obs pixels (with --obs state there is "
-            "no image to reconstruct)"
-        )
-    if args.obs == "state" and (args.load_encoder or args.freeze_encoder):
-        raise UsageError(
-            "--load-encoder and --freeze-encoder need --obs pixels (states have no encoder)"
-        )
-    if args.freeze_encoder and not args.load_encoder:
-        raise UsageError(
-            "--freeze-encoder needs --load-encoder PATH (a random encoder would stay random)"
-        )
-    if args.load_encoder:
-        path = args.load_encoder
-        if not os.path.exists(path):
-            raise UsageError(f"--load-encoder {path}: no such file or folder")
-        if os.path.isdir(path) and not os.path.isfile(os.path.join(path, "model.pt")):
-            raise UsageError(
-                f"--load-encoder {path}: no model.pt in it (a run writes it when it "
-                "ends); give one of its checkpoints/ckpt_*.pt instead"
-            )
-        args.load_encoder = os.path.abspath(path)
-    args.decoder = args.decoder or ("pixel" if args.obs == "pixels" else "none")
-    if args.ae_grad == "separate" and args.decoder == "none":
-        raise UsageError(
-            "--ae-grad separate needs a decoder (pixel or vae): without one the "
-            "encoder would never learn"
-        )
-    args.action_repeat = args.action_repeat or ACTION_REPEAT.get(args.domain, DEFAULT_REPEAT)
-    args.frame_stack = args.frame_stack or (3 if args.obs == "pixels" else 1)
-    args.init_updates = args.init_updates or args.init_steps
-    args.checkpoint_freq = args.checkpoint_freq or args.eval_freq
-    if args.benchmark and args.bench_updates % 2:
-        raise UsageError(
-            "--bench-updates must be even (actor and targets move every 2nd update), "
-            f"got {args.bench_updates}"
-        )
-    if args.actor_log_std_min >= args.actor_log_std_max:
-        raise UsageError("--actor-log-std-min must be below --actor-log-std-max")
-    if args.obs == "pixels" and conv_output_size(args.image_size, args.num_conv_layers) < 1:
-        raise UsageError(
-            f"--image-size {args.image_size} is too small for {args.num_conv_layers} "
-            f"conv layers (3x3, the first with stride 2): use at least "
-            f"{4 * args.num_conv_layers - 1}"
-        )
-    if not args.benchmark:
-        stamp = time.strftime("%Y%m%d-%H%M%S")
-        if args.out_dir is None:
-            name = f"{args.domain}-{args.task}-s{args.seed}-{stamp}"
-            args.out_dir = os.path.join("runs", name)
-        check_out_dir(args.out_dir)
-    return args
-
-
-def check_out_dir(out_dir):
-    """A run folder must be new or empty, and creatable: refuse it now rather than after set-up."""
-    if not out_dir.strip():
-        raise UsageError("--out-dir is empty; give a folder name")
-    if os.path.isfile(out_dir):
-        raise UsageError(f"--out-dir {out_dir} is a file; give a new folder")
-    if os.path.islink(out_dir) and not os.path.exists(out_dir):
-        raise UsageError(f"--out-dir {out_dir} is a link to nothing; give a new folder")
-    if os.path.isdir(out_dir) and os.listdir(out_dir):
-        raise UsageError(f"--out-dir {out_dir} already exists and is not empty; give a new folder")
-    parent = os.path.abspath(out_dir)
-    while not os.path.exists(parent):  # the nearest part of the path that exists
-        parent = os.path.dirname(parent)
-    if not os.path.isdir(parent):
-        raise UsageError(f"--out-dir {out_dir}: {parent} is a file, so no folder can be made in it")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise UsageError(
-            f"--out-dir {out_dir}: cannot write in {parent} (read-only filesystem or no permission)"
-        )
+    thread = threading.Thread(target=draw, daemon=True)
+    thread.start()
+    for undo in (bar.close, thread.join, done.set):  # run in reverse: stop, join, close
+        run.held.callback(undo)
 
 
 # ====================================================================== --compile and CUDA graphs
 def compiled_step(agent, parts):
     """update_step with these parts fixed, through torch.compile (LeanRL's way: the eager code
-    stays the code) and on a GPU replayed from a CUDA graph; each variant is compiled, and the
-    time printed, at its first use."""
+    stays the code), on a GPU replayed from a CUDA graph; each variant compiled at its first use."""
     key = tuple(parts.values())
     if key in agent.compiled:
         return agent.compiled[key]
     import torch._functorch.config
 
-    # torch 2.13 on CPU sometimes crashed (SIGSEGV) writing the backward graph to AOTAutograd's
-    # on-disk cache; without that cache it never did.
+    # torch 2.13 on CPU sometimes crashed (SIGSEGV) writing AOTAutograd's on-disk cache.
     torch._functorch.config.enable_autograd_cache = False
     name = "update with critic" + "".join(", " + k[3:] for k, on in parts.items() if on)
     step = torch.compile(functools.partial(agent.update_step, **parts))
     if agent.cuda_graphs:
-        if not agent.compiled:  # what the variants share (see CapturedStep)
+        if not agent.compiled:  # one memory pool and capture stream for all variants
             pool, stream = torch.cuda.graph_pool_handle(), torch.cuda.Stream(agent.device)
             agent.graphs = {"pool": pool, "stream": stream, "failed": False}
         step = CapturedStep(step, agent.device, name, agent.graphs)
@@ -2009,20 +1309,13 @@ def compiled_step(agent, parts):
 
 
 class CapturedStep:
-    """fn replayed from a CUDA graph: the update's few hundred kernels launched as one, the GPU no
-    longer waiting on Python (PyTorch's "whole-network capture"; LeanRL's CudaGraphModule).
-
-    fn must keep its state in place (parameters, optimizer state with capturable Adam) and read
-    its tensors from its arguments, as update_step does. The arguments are copied into buffers of
-    fixed address and layout made at the first call, so torch.compile's guards see the same
-    inputs every time (the replay buffer's batch is strided views of one tensor, which a clone
-    would not be, and a recompile inside a capture breaks it). The first calls run fn on a side
-    stream (compilation, cuDNN's autotuner and the optimizer state are set up there), one call
-    records it, every later call replays it. An agent's variants share `graphs`: one memory pool
-    (they never run at once, and SACAE.update copies their outputs out before the next replay),
-    one capture stream on the agent's GPU, and the fate of the first failed capture, after which
-    no variant tries again and each runs uncaptured.
-    """
+    """fn replayed from a CUDA graph: the update's few hundred kernels launched as one (PyTorch's
+    whole-network capture; LeanRL's CudaGraphModule). fn keeps its state in place (capturable
+    Adam) and reads its tensors from its arguments, which are copied into buffers of fixed address
+    and layout, so that torch.compile's guards see the same inputs every time. The first calls
+    warm up on a side stream, one records the graph, later calls replay it. An agent's variants
+    share `graphs`: a memory pool, a capture stream, and whether a capture failed (then all run
+    uncaptured)."""
 
     def __init__(self, fn, device, name, graphs, warmup=3):
         self.fn, self.device, self.name, self.graphs, self.warmup = fn, device, name, graphs, warmup
@@ -2049,21 +1342,18 @@ class CapturedStep:
             stream.wait_stream(side)
             return outputs
         began, graph = time.perf_counter(), torch.cuda.CUDAGraph()
-        pool, capture_stream = self.graphs["pool"], self.graphs["stream"]
         # A recompile cannot be captured: refused by name, with the guard that failed.
         no_recompile = torch._dynamo.config.patch(error_on_recompile=True)
+        pool, capture_stream = self.graphs["pool"], self.graphs["stream"]
         capture = torch.cuda.graph(graph, pool, capture_stream, capture_error_mode="thread_local")
         try:
             with no_recompile, capture:
                 outputs = self.fn(*self.inputs)  # recorded, not run
         except RuntimeError as e:  # torch.AcceleratorError included
             torch.cuda.set_stream(stream)  # a failed capture_end leaves the capture stream current
-            cause = e.__context__ or e  # the call the capture refused, if one did
             self.graphs["failed"] = True
-            say(
-                f"[compile] {self.name}: CUDA-graph capture failed, so the compiled update runs "
-                f"without CUDA graphs ({str(cause).splitlines()[0]})"
-            )
+            why = str(e.__context__ or e).splitlines()[0]  # the call the capture refused, if one
+            say(f"[compile] {self.name}: CUDA-graph capture failed ({why}); it runs uncaptured")
             return self.fn(*self.inputs)  # this call's update, uncaptured
         self.graph, self.outputs = graph, outputs
         say(
@@ -2075,98 +1365,83 @@ class CapturedStep:
 
 # ====================================================================================== --benchmark
 def benchmark(args):
-    """Time updates on a buffer of random frames, and environment steps; print a table, a line."""
+    """Time updates on a replay buffer of random frames, and environment steps: one line."""
     device = pick_device(args.device)
     seed_everything(args.seed)
-    env = DMCEnv(
-        args.domain,
-        args.task,
-        args.seed,
-        obs=args.obs,
-        image_size=args.image_size,
-        frame_stack=args.frame_stack,
-        action_repeat=args.action_repeat,
-    )
+    kw = dict(obs=args.obs, image_size=args.image_size, frame_stack=args.frame_stack)
+    env = DMCEnv(args.domain, args.task, args.seed, action_repeat=args.action_repeat, **kw)
     agent = SACAE(env.obs_shape, env.action_dim, device, args)
-    buffer = replay_buffer(env, min(args.buffer_size, 10 * env.episode_length), args.seed, device)
-    rng = np.random.default_rng(args.seed)
-    for i in range(buffer.capacity):
-        obs = rng.integers(0, 256, env.obs_shape, dtype=np.uint8)
-        if args.obs == "state":
-            obs = rng.standard_normal(env.obs_shape).astype(np.float32)
+    replay = replay_buffer(env, min(args.buffer_size, 10 * env.episode_length), args.seed, device)
+    rng, dtype = np.random.default_rng(args.seed), np.uint8 if args.obs == "pixels" else np.float32
+    for i in range(replay.capacity):
+        obs = rng.integers(0, 256, env.obs_shape).astype(dtype)
         if i % env.episode_length == 0:
-            buffer.add_first(obs)
-        buffer.add(rng.uniform(-1, 1, env.action_dim).astype(np.float32), rng.random(), 1.0, obs)
+            replay.add_first(obs)
+        replay.add(rng.uniform(-1, 1, env.action_dim), rng.random(), 1.0, obs)
 
-    def timed(fn, n):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
+    def ms_per_call(fn, steps):
+        sync = torch.cuda.synchronize if device.type == "cuda" else lambda: None
+        sync()
         began = time.perf_counter()
-        for step in range(n):
+        for step in steps:
             fn(step)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        return (time.perf_counter() - began) * 1000 / n
+        sync()
+        return (time.perf_counter() - began) * 1000 / len(steps)
 
-    warmup = 4 + (6 if args.compile else 0)  # one-off costs: allocator, kernel plans, compilation
-    timed(lambda step: agent.update(buffer.sample(args.batch_size), step), warmup)
-    n = args.bench_updates
-    ms_update = timed(lambda step: agent.update(buffer.sample(args.batch_size), warmup + step), n)
-    ms_sample = timed(lambda step: buffer.sample(args.batch_size), n)
+    def update(step):
+        agent.update(replay.sample(args.batch_size), step)
+
+    warmup = 4 + 6 * args.compile  # one-off costs: allocator, kernel plans, compiling, capture
+    ms_per_call(update, range(warmup))
+    ms = ms_per_call(update, range(warmup, warmup + args.bench_updates))
+    sampling = ms_per_call(lambda step: replay.sample(args.batch_size), range(args.bench_updates))
     env.reset()
     env_steps, began = 0, time.perf_counter()
     while time.perf_counter() - began < 2.0 or env_steps < 10 * args.action_repeat:
-        _, _, _, done, steps = env.step(rng.uniform(-1, 1, env.action_dim))
+        *_, done, steps = env.step(rng.uniform(-1, 1, env.action_dim))
         env_steps += steps
         if done:
             env.reset()
-    env_sps = env_steps / (time.perf_counter() - began)
-    name = "cpu" if device.type == "cpu" else "cuda:" + torch.cuda.get_device_name(device)
-    name, mode = name.replace(" ", "_"), args.precision + (" + compile" if args.compile else "")
+    sps, name, mode = env_steps / (time.perf_counter() - began), "cpu", args.precision
+    if device.type == "cuda":
+        name = "cuda:" + torch.cuda.get_device_name(device).replace(" ", "_")
+        gib = torch.cuda.max_memory_allocated(device) / 2**30
+        print(
+            f"peak CUDA memory {gib:.2f} GiB, {torch.cuda.max_memory_reserved(device) / 2**30:.2f} reserved"
+        )
+    if args.compile:
+        mode += " + compile"
     if agent.cuda_graphs:  # how many variants replay from a CUDA graph (a capture can fail)
-        captured = sum(step.graph is not None for step in agent.compiled.values())
-        mode += f" + CUDA graphs ({captured} of {len(agent.compiled)} variants)"
+        graphs = [step.graph is not None for step in agent.compiled.values()]
+        mode += f" + CUDA graphs ({sum(graphs)} of {len(graphs)} variants)"
     import resource
 
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (
-        1 if sys.platform == "darwin" else 1024
-    )
-    rows = [
-        (
-            "task",
-            f"{args.domain}-{args.task}, obs {args.obs}, decoder {args.decoder}, "
-            f"{args.image_size}px",
-        ),
-        ("device / precision", f"{name} / {mode}"),
-        ("threads", str(torch.get_num_threads())),
-        ("batch", str(args.batch_size)),
-        ("ms per update (with sampling)", f"{ms_update:.1f}  over {n} updates"),
-        ("  of which sampling", f"{ms_sample:.1f}"),
-        ("updates per second", f"{1000 / ms_update:.2f}"),
-        (
-            "env steps per second",
-            f"{env_sps:.0f}  (action repeat {args.action_repeat}, rendering included)",
-        ),
-        ("replay", f"{buffer.bytes_per_transition:,.0f} B per transition, on {buffer.storage}"),
-        ("peak resident memory", f"{peak / 2**30:.2f} GiB"),
-    ]
-    if device.type == "cuda":
-        allocated, reserved = (
-            f(device) / 2**30
-            for f in (torch.cuda.max_memory_allocated, torch.cuda.max_memory_reserved)
-        )
-        rows.append(("peak CUDA memory", f"{allocated:.2f} GiB allocated, {reserved:.2f} reserved"))
-    width = max(len(k) for k, _ in rows)
-    for k, v in rows:
-        print(f"{k:<{width}}  {v}")
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # GiB, from Linux's KiB
+    per = replay.nbytes / replay.capacity
     print(
-        f"benchmark ms_per_update={ms_update:.3f} updates_per_s={1000 / ms_update:.3f} "
-        f"env_steps_per_s={env_sps:.1f} replay_bytes_per_transition="
-        f"{round(buffer.bytes_per_transition)} device={name} precision={args.precision}"
+        f"{args.domain}-{args.task} {args.obs}, {args.image_size} px, batch {args.batch_size}, "
+        f"{name}, {mode}, {torch.get_num_threads()} threads: {ms:.1f} ms per update ({sampling:.1f}"
+        f" of it sampling), {sps:.0f} env steps per second, peak resident memory {peak:.2f} GiB"
+    )
+    print(
+        f"benchmark ms_per_update={ms:.3f} updates_per_s={1000 / ms:.3f} env_steps_per_s={sps:.1f} "
+        f"replay_bytes_per_transition={round(per)} device={name} precision={args.precision}"
     )
 
 
-# =========================================================================================== --plot
+# ============================================================================================ --plot
+# SAC+AE:pixel's published returns at 100k and 500k environment steps (10 seeds, the authors'
+# runs): DrQ's Table 1 at 100k and 500k, then CURL's Table 1 at 100k and 500k.
+PUBLISHED = {
+    "cartpole-swingup": (276, 730, 311, 735),
+    "reacher-easy": (225, 601, 274, 627),
+    "cheetah-run": (240, 544, 267, 550),
+    "finger-spin": (747, 914, 740, 884),
+    "ball_in_cup-catch": (338, 810, 391, 794),
+    "walker-walk": (395, 858, 394, 847),
+}
+
+
 def read_eval_csv(path):
     """(env_step, mean, std) arrays of an eval.csv; UsageError if it is not one."""
     try:
@@ -2177,107 +1452,338 @@ def read_eval_csv(path):
     except OSError as e:
         raise UsageError(f"--plot {path}: cannot read it ({e.strerror})") from None
     except (KeyError, TypeError, ValueError, UnicodeDecodeError, csv.Error):
-        raise UsageError(
-            f"--plot {path}: not an eval.csv written by sac_ae.py (needs the columns "
-            "env_step, episode_return_mean, episode_return_std)"
-        ) from None
+        raise UsageError(f"--plot {path}: not an eval.csv of sac_ae.py (env_step, ...)") from None
     if not len(table):
         raise UsageError(f"--plot {path}: no evaluation rows yet")
     return table.T
 
 
 def plot(paths):
-    """eval.csv -> learning_curve.png beside it: mean return with a +-1 std band over env steps."""
+    """One figure of all the eval.csv given, learning_curve.png in the folder that holds them: the
+    runs of one task and mode as one curve, their mean with a band of +-1 std across them (one
+    run's: across its evaluation episodes), and the published points of the task."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    curves = {}  # label: each run's (env_step, mean, std)
     for path in paths:
-        x, y, s = read_eval_csv(path)
-        folder = os.path.dirname(os.path.abspath(path))
-        title = os.path.basename(folder)  # unless the run's config.json says more
-        with contextlib.suppress(OSError, ValueError, KeyError, TypeError, AttributeError):
-            with open(os.path.join(folder, "config.json")) as f:
-                c = json.load(f)
-            mode = {"pixel": "SAC+AE", "none": "SAC:pixel", "vae": "SAC+VAE"}[c["decoder"]]
-            mode = "SAC:state" if c["obs"] == "state" else mode
-            title = f"{c['domain']} {c['task']}, {mode}, seed {c['seed']}, batch {c['batch_size']}"
-        fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
-        ax.plot(x, y, marker="o", markersize=3)
-        ax.fill_between(x, y - s, y + s, alpha=0.25)
-        ax.set(xlabel="environment steps", ylabel="evaluation return", title=title, ylim=(0, 1000))
-        ax.grid(alpha=0.3)
-        fig.tight_layout()
-        out = os.path.join(folder, "learning_curve.png")
-        fig.savefig(out)
-        plt.close(fig)
-        print(f"[plot] {out}")
+        curves.setdefault(run_label(path), []).append(read_eval_csv(path))
+    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=100)
+    for label, runs in curves.items():
+        steps = sorted(set.intersection(*(set(x) for x, _, _ in runs)))  # evaluated in every run
+        y = np.array([[dict(zip(x, mean))[t] for t in steps] for x, mean, _ in runs])
+        spread = y.std(0) if len(runs) > 1 else runs[0][2]
+        line = ax.plot(steps, y.mean(0), "o-", ms=3, label=f"{label}: {len(runs)} run(s)")[0]
+        ax.fill_between(
+            steps, y.mean(0) - spread, y.mean(0) + spread, alpha=0.2, color=line.get_color()
+        )
+        if label.split(",")[0] in PUBLISHED:
+            points = PUBLISHED[label.split(",")[0]]
+            ax.plot(
+                [1e5, 5e5, 1e5, 5e5],
+                points,
+                "x",
+                color=line.get_color(),
+                label="DrQ's, CURL's tables",
+            )
+    ax.set(xlabel="environment steps", ylabel="evaluation return", ylim=(0, 1000))
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    out = os.path.join(
+        os.path.commonpath([os.path.dirname(os.path.abspath(p)) for p in paths]),
+        "learning_curve.png",
+    )
+    fig.savefig(out, bbox_inches="tight")
+    print(f"[plot] {out}: {len(paths)} eval.csv, {len(curves)} curve(s)")
 
 
-# ============================================================================ main: the one boundary
+def run_label(path):
+    """'cheetah-run, SAC+AE' from the run's config.json, else the name of its folder."""
+    folder = os.path.dirname(os.path.abspath(path))
+    try:
+        with open(os.path.join(folder, "config.json")) as f:
+            c = json.load(f)
+        mode = {"pixel": "SAC+AE", "none": "SAC:pixel", "vae": "SAC+VAE"}[c["decoder"]]
+        return f"{c['domain']}-{c['task']}, {'SAC:state' if c['obs'] == 'state' else mode}"
+    except (OSError, ValueError, KeyError, TypeError):
+        return os.path.basename(folder)
+
+
+# ====================================================================== flags: the manual is --help
+# fmt: off
+# One flag a line, the card of the script: the formatter leaves this section as written.
+class Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line through main()'s error boundary, not a usage dump
+        raise UsageError(message)
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    def _get_help_string(self, action):  # a default resolved later says so in its help: [...]
+        return action.help if action.default is None else super()._get_help_string(action)
+
+
+def checked(convert, valid, what):
+    """An argparse type: convert the text and refuse what is not `valid`, saying what it must be."""
+    def parse(text):
+        with contextlib.suppress(ValueError):
+            if valid(value := convert(text)):
+                return value
+        raise argparse.ArgumentTypeError(f"must be {what}, got '{text}'")
+    return parse
+
+
+count = checked(int, lambda v: v > 0, "a positive integer")
+seed = checked(int, lambda v: 0 <= v < 2**32 - EVAL_SEED_OFFSET, "an integer in [0, 2^32 - 10001]")
+positive = checked(float, lambda v: 0 < v < math.inf, "a positive number")
+nonnegative = checked(float, lambda v: 0 <= v < math.inf, "a number >= 0")
+fraction = checked(float, lambda v: 0 <= v <= 1, "a number in [0, 1]")
+beta = checked(float, lambda v: 0 <= v < 1, "a number in [0, 1), as Adam needs")
+finite = checked(float, math.isfinite, "a finite number")
+device = checked(str, lambda v: re.fullmatch(r"auto|cpu|cuda(:\d+)?", v), "auto, cpu or cuda[:N]")
+RESUMABLE, MODES = "run: these may change on --resume", "run folder and modes"
+
+
+def build_parser():
+    p = Parser(prog="sac_ae.py", formatter_class=HelpFormatter, description=__doc__.split("\n\n")[0]
+               + " Every default is the paper's or the authors' code's; budgets count env steps.")
+    repeats = ", ".join(f"{k} {v}" for k, v in ACTION_REPEAT.items()) + f", else {DEFAULT_REPEAT}"
+    g = p.add_argument_group("task")
+    g.add_argument("--domain", default="cheetah", help="dm_control suite domain")
+    g.add_argument("--task", default="run", help="task of that domain")
+    g.add_argument("--seed", type=seed, default=1, help="seeds python, numpy, torch, environments")
+    g.add_argument("--obs", default="pixels", choices=["pixels", "state"], help="state: SAC:state")
+    g.add_argument("--decoder", choices=["pixel", "vae", "none"],
+                   help="pixel: SAC+AE; vae: beta-VAE (Sec. 4); none: SAC:pixel [pixel if pixels]")
+    g = p.add_argument_group(RESUMABLE)
+    g.add_argument("--total-steps", type=count, default=500_000, help="environment steps to train")
+    g.add_argument("--device", type=device, default="auto", help="auto, cpu, cuda or cuda:N")
+    g.add_argument("--checkpoint-freq", type=count, help="env steps per checkpoint [eval-freq]")
+    g.add_argument("--keep-checkpoints", type=checked(int, lambda v: v >= 0, "an integer >= 0"),
+                   default=1, help="older checkpoints kept besides the latest")
+    g.add_argument("--save-video", action="store_true", help="mp4 of each evaluation's 1st episode")
+    g = p.add_argument_group(MODES)
+    g.add_argument("--out-dir", help="run folder, new or empty [runs/DOMAIN-TASK-sSEED-TIME]")
+    g.add_argument("--resume", metavar="RUN_DIR", help="continue that run from its last checkpoint")
+    g.add_argument("--benchmark", action="store_true", help="time updates and env steps, then exit")
+    g.add_argument("--bench-updates", type=count, default=20, help="updates --benchmark times")
+    g.add_argument("--plot", nargs="+", metavar="EVAL_CSV", help="draw learning curves, then exit")
+    g = p.add_argument_group("environment")
+    g.add_argument("--action-repeat", type=count, help=f"times an action is applied [{repeats}]")
+    g.add_argument("--frame-stack", type=count, help="frames stacked [3 for pixels, 1 for states]")
+    g.add_argument("--image-size", type=count, default=84, help="side of the square frames")
+    g = p.add_argument_group("replay and schedule")
+    g.add_argument("--buffer-size", type=count, default=1_000_000, help="replay capacity")
+    g.add_argument("--init-steps", type=count, default=1000, help="agent steps of random actions")
+    g.add_argument("--init-updates", type=count, help="updates at once after them [init-steps]")
+    g.add_argument("--batch-size", type=count, default=128, help="transitions per update")
+    g.add_argument("--eval-freq", type=count, default=10_000, help="env steps between evaluations")
+    g.add_argument("--eval-episodes", type=count, default=10, help="episodes per evaluation")
+    g = p.add_argument_group("speed")
+    g.add_argument("--precision", default="fp32", choices=["fp32", "bf16"], help="bf16: autocast")
+    g.add_argument("--compile", action="store_true", help="torch.compile; on a GPU, CUDA graphs")
+    g = p.add_argument_group("SAC")
+    g.add_argument("--gamma", type=fraction, default=0.99, help="discount")
+    g.add_argument("--critic-lr", type=positive, default=1e-3, help="Adam lr, critic and encoder")
+    g.add_argument("--critic-beta", type=beta, default=0.9, help="Adam beta1 of the critic")
+    g.add_argument("--critic-tau", type=fraction, default=0.01, help="target rate of the Q heads")
+    g.add_argument("--encoder-tau", type=fraction, default=0.05, help="target rate of the encoder")
+    g.add_argument("--target-update-freq", type=count, default=2, help="targets every N steps")
+    g.add_argument("--actor-lr", type=positive, default=1e-3, help="Adam lr of the actor")
+    g.add_argument("--actor-beta", type=beta, default=0.9, help="Adam beta1 of the actor")
+    g.add_argument("--actor-update-freq", type=count, default=2, help="actor, alpha every N steps")
+    g.add_argument("--actor-log-std-min", type=finite, default=-10.0, help="policy log std bound")
+    g.add_argument("--actor-log-std-max", type=finite, default=2.0, help="policy log std bound")
+    g.add_argument("--init-temperature", type=positive, default=0.1, help="initial alpha")
+    g.add_argument("--alpha-lr", type=positive, default=1e-4, help="Adam lr of log alpha")
+    g.add_argument("--alpha-beta", type=beta, default=0.5, help="Adam beta1 of log alpha")
+    g.add_argument("--hidden-dim", type=count, default=1024, help="width of actor and Q MLPs")
+    g = p.add_argument_group("encoder and autoencoder")
+    g.add_argument("--feature-dim", type=count, default=50, help="latent size z")
+    g.add_argument("--num-filters", type=count, default=32, help="channels of each conv layer")
+    g.add_argument("--num-conv-layers", type=count, default=4, help="convs of encoder, decoder")
+    g.add_argument("--encoder-lr", type=positive, default=1e-3, help="Adam lr, encoder's AE step")
+    g.add_argument("--decoder-lr", type=positive, default=1e-3, help="Adam lr of the decoder")
+    g.add_argument("--decoder-weight-decay", type=nonnegative, default=1e-7, help="L2, decoder")
+    g.add_argument("--decoder-latent-lambda", type=nonnegative, default=1e-6, help="on |z|^2/2")
+    g.add_argument("--ae-update-freq", type=count, default=1, help="autoencoder every N steps")
+    g.add_argument("--ae-bits", type=checked(int, lambda v: 1 <= v <= 8, "an integer in [1, 8]"),
+                   default=5, help="bit depth of the reconstruction target")
+    g.add_argument("--ae-grad", default="end-to-end", choices=["end-to-end", "separate"],
+                   help="separate: only reconstruction trains the encoder (Sec. 4.3)")
+    g.add_argument("--vae-beta", type=nonnegative, default=1e-6, help="KL weight, --decoder vae")
+    g.add_argument("--load-encoder", metavar="PATH", help="encoder and heads of a run (Fig. 7)")
+    g.add_argument("--freeze-encoder", action="store_true", help="keep the loaded encoder fixed")
+    return p
+
+
+@functools.cache
+def group(title):
+    """The flags (dests) under one heading of --help: the headings say what may change on resume."""
+    groups = build_parser()._action_groups
+    return {a.dest for g in groups if g.title == title for a in g._group_actions}
+
+
+def maths_config(args):
+    """What a run's checkpoints must agree on: every flag but how long, where and the modes."""
+    return {k: v for k, v in sorted(vars(args).items()) if k not in group(RESUMABLE) | group(MODES)}
+
+
+def parse_args(argv=None):
+    """Parse and check all that can be checked before building anything (UsageError)."""
+    parser, typer = build_parser(), build_parser()
+    args = parser.parse_args(argv)
+    typer.set_defaults(**dict.fromkeys(vars(args)))  # so that only what argv gives is not None
+    typed = {k for k, v in vars(typer.parse_args(argv)).items() if v is not None}
+    if args.plot:
+        for k in sorted(typed - {"plot"}):
+            raise UsageError(f"--{k.replace('_', '-')} has no effect: --plot only draws")
+        for path in args.plot:
+            read_eval_csv(path)  # refuse a missing, empty or foreign file before drawing any
+    elif args.resume is not None:
+        for k in sorted(typed - group(RESUMABLE) - {"resume"}):
+            raise UsageError(f"--{k.replace('_', '-')} cannot be given with --resume (the run keeps "
+                             f"its configuration); only the flags under '{RESUMABLE}' may")
+        args = resume_args(parser, args, typed & group(RESUMABLE))
+    else:
+        resolve_args(args)
+    check_device(args.device)
+    return args
+
+
+def resume_args(parser, given, typed):
+    """The run's configuration from its config.json, with the flags given that may change."""
+    run_dir = given.resume
+    found, config = checkpoints(run_dir.strip() and run_dir), os.path.join(run_dir, "config.json")
+    for wrong, why in [(not run_dir.strip(), "is empty; give a run folder"),
+                       (not os.path.isdir(run_dir), "is no folder"),
+                       (not os.access(run_dir, os.W_OK | os.X_OK), "is read-only"),
+                       (not os.path.isfile(config), "has no config.json: not a run folder"),
+                       (not found, "has no checkpoint in its checkpoints/ folder")]:
+        if wrong:
+            raise UsageError(f"--resume {run_dir} {why}")
+    try:
+        with open(config) as f:
+            saved = dict(json.load(f))
+    except (OSError, ValueError, TypeError) as e:
+        raise UsageError(f"{config} is damaged ({e}); restore it, or start the run again") from None
+    defaults = vars(parser.parse_args([]))  # a flag newer than the run: its default
+    args = argparse.Namespace(**{**defaults, **{k: v for k, v in saved.items() if k in defaults}})
+    vars(args).update({k: getattr(given, k) for k in typed}, resume=run_dir, out_dir=run_dir)
+    if found[-1][0] >= args.total_steps + args.action_repeat:  # its last step may overshoot
+        raise UsageError(f"--total-steps {args.total_steps}: the run is already at env step "
+                         f"{found[-1][0]}; give at least that")
+    return args
+
+
+def check_device(name):
+    index, gpus = int(name.partition(":")[2] or 0), torch.cuda.device_count()
+    if name.startswith("cuda") and index >= gpus:
+        raise UsageError(f"--device {name}, but {gpus} CUDA device(s) are visible; valid: auto, cpu"
+                         + ", cuda:N" * bool(gpus))
+
+
+def resolve_args(args):
+    """Fill the defaults that depend on the task, and refuse inconsistent input (UsageError)."""
+    tasks = load_suite().ALL_TASKS
+    domains, path, pixels = sorted({d for d, _ in tasks}), args.load_encoder, args.obs == "pixels"
+    args.decoder = args.decoder or ("pixel" if pixels else "none")
+    for wrong, why in [
+        (args.domain not in domains, f"unknown domain '{args.domain}'; valid: {', '.join(domains)}"),
+        ((args.domain, args.task) not in tasks, f"unknown task '{args.task}' for domain "
+         f"{args.domain}; valid tasks: {', '.join(sorted(t for d, t in tasks if d == args.domain))}"),
+        (not pixels and args.decoder != "none", f"--decoder {args.decoder} needs --obs pixels"),
+        (not pixels and (path or args.freeze_encoder), "--load-encoder needs --obs pixels"),
+        (args.freeze_encoder and not path, "--freeze-encoder needs --load-encoder PATH"),
+        (path and not os.path.exists(path), f"--load-encoder {path}: no such file or folder"),
+        (path and os.path.isdir(path) and not os.path.isfile(os.path.join(path, "model.pt")),
+         f"--load-encoder {path}: no model.pt in it yet; give one of its checkpoints/ckpt_*.pt"),
+        (args.ae_grad == "separate" and args.decoder == "none", "--ae-grad separate: no decoder"),
+        (args.benchmark and args.bench_updates % 2, "--bench-updates must be even (actor and "
+         f"targets move every 2nd update), got {args.bench_updates}"),
+        (args.actor_log_std_min >= args.actor_log_std_max, "--actor-log-std-min is not below max"),
+        (pixels and conv_output_size(args.image_size, args.num_conv_layers) < 1, f"--image-size "
+         f"{args.image_size} is too small for {args.num_conv_layers} conv layers"),
+    ]:
+        if wrong:
+            raise UsageError(why)
+    args.load_encoder = path and os.path.abspath(path)
+    args.action_repeat = args.action_repeat or ACTION_REPEAT.get(args.domain, DEFAULT_REPEAT)
+    args.frame_stack = args.frame_stack or (3 if pixels else 1)
+    args.init_updates = args.init_updates or args.init_steps
+    args.checkpoint_freq = args.checkpoint_freq or args.eval_freq
+    if not args.benchmark:
+        stamp = f"{args.domain}-{args.task}-s{args.seed}-{time.strftime('%Y%m%d-%H%M%S')}"
+        args.out_dir = os.path.join("runs", stamp) if args.out_dir is None else args.out_dir
+        check_out_dir(args.out_dir)
+
+
+def check_out_dir(out_dir):
+    """A run folder must be new or empty, and creatable: refused now, not after set-up."""
+    parent = os.path.abspath(out_dir)
+    while not os.path.exists(parent):  # the nearest part of the path that exists
+        parent = os.path.dirname(parent)
+    for wrong, why in [
+        (not out_dir.strip(), "is empty; give a folder name"),
+        (os.path.isfile(out_dir), "is a file; give a new folder"),
+        (os.path.islink(out_dir) and not os.path.exists(out_dir), "is a link to nothing"),
+        (os.path.isdir(out_dir) and os.listdir(out_dir), "already exists and is not empty"),
+        (not os.path.isdir(parent), f"is in {parent}, a file"),
+        (not os.access(parent, os.W_OK | os.X_OK), f"cannot be made in {parent} (read-only?)"),
+    ]:
+        if wrong:
+            raise UsageError(f"--out-dir {out_dir} {why}".replace("  ", " "))
+
+
+# ========================================================================= main: the one boundary
 def main(argv=None):
-    """Run the command line. Every user mistake and every fault ends here in one line on stderr
-    and an exit status: 2 for a mistake, 1 for a fault, 128 + N for signal N."""
+    """The command line. Every mistake and fault ends here in one line on stderr and an exit
+    status: 2 for a mistake, 1 for a fault, 128 + N for signal N; a bug keeps its traceback."""
     args = None
     try:
         args = parse_args(argv)
         if args.plot:
             return plot(args.plot)
         return benchmark(args) if args.benchmark else train(args)
-    except (UsageError, KeyboardInterrupt, Interrupted, Exception) as e:
+    except (Exception, KeyboardInterrupt, Interrupted) as e:
         line, code = explain(e, args)
         if line is None:
-            raise  # a bug: its traceback
+            raise
         print(f"sac_ae.py: error: {line}", file=sys.stderr)
         return code
 
 
 def explain(e, args):
-    """(the one line, the exit status) for a mistake or a fault; (None, None) for a bug."""
-    run_dir = args.out_dir if args is not None and not args.benchmark and not args.plot else None
-    last, folder = latest_checkpoint(run_dir), run_dir and os.path.isdir(run_dir)
-    if last:
-        then = f"the last checkpoint {last} is intact: resume with python {sys.argv[0]} --resume {run_dir}"
-    elif folder:
-        then = f"no checkpoint was written yet: remove {run_dir} and start the run again"
-    else:
-        then = "nothing was written"
-    if isinstance(e, UsageError):
-        return str(e), 2
-    if isinstance(e, (KeyboardInterrupt, Interrupted)):
-        signum = getattr(e, "signum", signal.SIGINT)
-        how = f"a second {signal.Signals(signum).name}" if isinstance(e, Interrupted) else "SIGINT"
-        then = "--benchmark stopped" if args is not None and args.benchmark else then
-        return f"interrupted by {how}, at once; {then}", 128 + signum
-    if isinstance(e, (RenderError, NonFiniteError)):
-        return f"{e}; {then}" if isinstance(e, NonFiniteError) else str(e), 1
+    """The one line and exit status of a mistake or a fault, from one table; (None, None) else."""
+    run_dir = args.out_dir if args is not None and not (args.benchmark or args.plot) else None
+    last, folder = checkpoints(run_dir)[-1:], run_dir and os.path.isdir(run_dir)
+    then = (f"the last checkpoint {last[0][2]} is intact: resume with python {sys.argv[0]} --resume "
+            f"{run_dir}" if last else f"no checkpoint was written: remove {run_dir} and start again"
+            if folder else "nothing was written")
     if type(e) is RuntimeError and isinstance(e.__context__, OSError):
         e = e.__context__  # torch.save's zip writer reports a failed write so
-    if isinstance(e, OSError):
-        where = f" ({e.filename})" if e.filename else ""
-        if run_dir and not os.path.isdir(run_dir):
-            return (
-                f"{e.strerror or e}{where}: the run folder {run_dir} is gone; start the run again",
-                1,
-            )
-        advice = {28: "free some space", 30: "make the disk writable", 13: "fix its permissions"}
-        then = f"{advice.get(e.errno, 'fix that')}; {then}"
-        if e.filename and str(e.filename).endswith("model.pt.tmp"):
-            then += " (it writes model.pt again)"
-        return f"writing the run folder failed: {e.strerror or e}{where}; {then}", 1
-    message = " ".join(str(e).split())
-    if isinstance(e, (MemoryError, torch.OutOfMemoryError)) or "can't allocate memory" in message:
-        return (
-            f"out of memory ({message}); lower --hidden-dim, --batch-size, --image-size or "
-            "--buffer-size"
-        ), 1
-    if type(e).__name__ == "PhysicsError":  # dm_control's simulator diverged
-        return (
-            f"the simulation became unstable ({message}); rerun with another --seed or a lower "
-            "learning rate"
-        ), 1
+    text, signum, errno = " ".join(str(e).split()), getattr(e, "signum", 2), getattr(e, "errno", 0)
+    what = f"writing {getattr(e, 'filename', '')} failed: {getattr(e, 'strerror', None) or text}"
+    fix = {28: "free some space", 30: "make the disk writable", 13: "fix the permissions"}
+    model = " (and it writes model.pt again)" * str(getattr(e, "filename", "")).endswith("model.pt.tmp")
+    for fault, code, line in [
+        (isinstance(e, UsageError), 2, text),
+        (isinstance(e, RenderError), 1, text),
+        (isinstance(e, Interrupted), 128 + signum, f"a second {signal.Signals(signum).name}: stopped at once; {then}"),
+        (isinstance(e, KeyboardInterrupt), 130, f"interrupted; {then}"),
+        (isinstance(e, NonFiniteError), 1, f"{text}; stopped before it reached the simulator; {then}"),
+        (isinstance(e, OSError) and run_dir and not folder, 1, f"{what}: {run_dir} is gone; start again"),
+        (isinstance(e, OSError), 1, f"{what}; {fix.get(errno, 'fix that')}, then {then}{model}"),
+        (isinstance(e, (MemoryError, torch.OutOfMemoryError)) or "can't allocate memory" in text, 1,
+         f"out of memory ({text}); lower --hidden-dim, --batch-size, --image-size or --buffer-size"),
+        (type(e).__name__ == "PhysicsError", 1, f"the simulation became unstable ({text}); try another "
+         "--seed or a lower lr"),
+    ]:
+        if fault:
+            return line, code
     return None, None
+# fmt: on
 
 
 if __name__ == "__main__":

@@ -793,7 +793,7 @@ class Run:
         picture = None
         if agent.decoder is not None and sample is not None:
             picture = reconstruction_image(sample, agent.reconstruct(sample))
-        self.logs.evaluation(row, picture)
+        self.logs.write("eval.csv", row, picture)
         s.last_eval = s.env_step
         fps = args.eval_episodes * self.eval_env.episode_env_steps / (time.perf_counter() - began)
         probe = f" | probe R^2 {row['probe_r2']:.2f}" if pixels else ""
@@ -844,7 +844,7 @@ class Run:
             return 128 + stop[0]
         if self.state.episode_env_steps:
             self.log_episode()
-        export_model(self)
+        export_model(self.agent, self.logs.path("model.pt"))
         say(
             f"[done] {self.state.env_step} environment steps in {time.time() - self.start:.0f} s; "
             f"weights in {self.logs.path('model.pt')}"
@@ -935,7 +935,9 @@ class Logs:
 
     def write(self, name, row, picture=None):
         """A row of eval.csv or train.csv, and its TensorBoard scalars (and image)."""
-        self.csv[name].writerow({k: f"{v:.6g}" if type(v) is float else v for k, v in row.items()})
+        self.csv[name].writerow(
+            {k: f"{v:.6g}" if isinstance(v, float) else v for k, v in row.items()}
+        )
         self.files[name].flush()
         tags = TAGS if name == "train.csv" else {"episode_return_mean": "eval/return"}
         for key in tags.keys() & row.keys() | {"probe_r2"} & row.keys():
@@ -943,6 +945,7 @@ class Logs:
         if picture is not None:
             write_file(self.path("recon", f"eval_{row['env_step']}.png"), picture)
             self.tb.add_image("eval/reconstruction", picture, row["env_step"], dataformats="HWC")
+        self.tb.flush()
 
     def sync(self):
         """The rows so far on disk, before a checkpoint that counts them: their sizes in bytes."""
@@ -1121,7 +1124,7 @@ def save_checkpoint(run):
         raise NonFiniteError(f"a parameter became NaN or inf by agent step {s.agent_step}")
     csv_bytes, chunks = run.logs.sync(), checkpoints(args.out_dir, CHUNKS)
     os.makedirs(folder, exist_ok=True)
-    start = max([replay.t - replay.size, *(end for _, end, _ in chunks)])
+    start = max([0, replay.t - replay.size, *(end for _, end, _ in chunks)])
     if start < replay.t:
         i = torch.from_numpy(np.arange(start, replay.t) % replay.size)
         frames, scalars = (x[i.to(x.device)].cpu().numpy() for x in (replay.frames, replay.scalars))
@@ -1155,8 +1158,13 @@ def load_checkpoint(run):
     (_, slots, path), need = found[-1], max(0, found[-1][1] - replay.size)
 
     def refuse(problem, usable):  # the newest older checkpoint that does without the problem
-        fix = [f"move it aside to resume from {p}" for _, t, p in found[:-1] if usable(t)][-1:]
-        raise UsageError(f"checkpoint {path} {problem}; {(fix or ['start the run again'])[0]}")
+        fix = [
+            f"move it aside to resume from {os.path.basename(p)}"
+            for _, t, p in found[:-1]
+            if usable(t)
+        ]
+        fix = fix[-1] if fix else "no older checkpoint does without it: start the run again"
+        raise UsageError(f"checkpoint {path} {problem}; {fix}")
 
     try:
         payload = read_file(path)
@@ -1209,10 +1217,10 @@ def load_checkpoint(run):
     return path
 
 
-def export_model(run):
+def export_model(agent, path):
     """RUN_DIR/model.pt: the trained networks alone, for torch.load(..., weights_only=True)."""
-    weights = {k: t.cpu() for k, t in run.agent.state_dict().items()}  # loads without a GPU
-    write_file(run.logs.path("model.pt"), {"agent": weights, "config": maths_config(run.args)})
+    weights = {k: t.cpu() for k, t in agent.state_dict().items()}  # loads without a GPU
+    write_file(path, {"agent": weights, "config": maths_config(agent.args)})
 
 
 def load_encoder(agent, path):
@@ -1662,7 +1670,7 @@ def resume_args(parser, given, typed):
                        (not os.path.isfile(config), "has no config.json: not a run folder"),
                        (not found, "has no checkpoint in its checkpoints/ folder")]:
         if wrong:
-            raise UsageError(f"--resume {run_dir} {why}")
+            raise UsageError(f"--resume {run_dir} {why}".replace("  ", " "))
     try:
         with open(config) as f:
             saved = dict(json.load(f))

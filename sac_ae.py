@@ -25,7 +25,6 @@ import random
 import re
 import signal
 import sys
-import threading
 import time
 import warnings
 import zipfile
@@ -70,10 +69,8 @@ def latent_head(in_dim, feature_dim):
 
 
 class Encoder(nn.Module):
-    """The conv layers that the critic, the actor and the decoder's gradient share.
-
-    Pixels: (B, 9, 84, 84) in [0, 1] -> (B, 32 * 35 * 35) features. States (SAC:state): identity.
-    """
+    """The convs that the critic, the actor and the decoder's gradient share: (B, 9, 84, 84) in
+    [0, 1] -> (B, 32 * 35 * 35) features. States (SAC:state): the identity."""
 
     def __init__(self, obs_shape, num_filters=32, num_layers=4, pixels=True):
         super().__init__()
@@ -120,11 +117,8 @@ def sample_action(mu, log_std):
 
 
 class Critic(nn.Module):
-    """Its latent head z = head(h), then two Q networks on concat(z, a) (clipped double Q).
-
-    z is the latent that the decoder reconstructs from. With --decoder vae, log_var gives the
-    posterior's log-variance around the mean z (Sec. 4).
-    """
+    """Its latent head z = head(h), the decoder's input too, then two Q networks on concat(z, a)
+    (clipped double Q). With --decoder vae, log_var is the posterior's around the mean z (Sec. 4)."""
 
     def __init__(self, repr_dim, feature_dim, action_dim, hidden_dim, pixels=True, vae=False):
         super().__init__()
@@ -174,11 +168,9 @@ def soft_update(net, target, tau):
 
 # =============================================================================== the agent (Sec. 5)
 class SACAE(nn.Module):
-    """SAC whose critic's encoder is also trained to reconstruct its input (SAC+AE).
-
-    Networks: encoder (shared convs), actor and critic (each with its own latent head), decoder;
-    the targets encoder_target and critic_target; the temperature alpha = exp(log_alpha).
-    """
+    """SAC whose critic's encoder is also trained to reconstruct its input: encoder (the shared
+    convs), actor and critic (each with its latent head), decoder, their targets encoder_target and
+    critic_target, and the temperature alpha = exp(log_alpha)."""
 
     def __init__(self, obs_shape, action_dim, device, args):
         super().__init__()
@@ -234,11 +226,11 @@ class SACAE(nn.Module):
     # ------------------------------------------------------------------------ the update
     def update(self, batch, step):
         """One update (Sec. 5, authors' code); `step` is the agent step, which picks the parts."""
+        a = self.args
         parts = dict(
-            do_actor=step % self.args.actor_update_freq == 0,
-            do_targets=step % self.args.target_update_freq == 0,
-            do_ae=self.decoder is not None and step % self.args.ae_update_freq == 0,
+            do_actor=step % a.actor_update_freq == 0, do_targets=step % a.target_update_freq == 0
         )
+        parts["do_ae"] = self.decoder is not None and step % a.ae_update_freq == 0
         if self.args.compile:
             update_step = compiled_step(self, parts)  # below the banner: same maths, faster
         else:
@@ -390,14 +382,6 @@ class SACAE(nn.Module):
     def optimizers(self):
         return {k: v for k, v in vars(self).items() if isinstance(v, torch.optim.Optimizer)}
 
-    def load_encoder(self, weights):
-        """Transfer (Fig. 7): the encoder and both latent heads from another run's weights; the
-        target encoder and the target critic's head start as copies of them."""
-        parts = ("encoder.", "critic.head.", "actor.head.")
-        self.load_state_dict({k: v for k, v in weights.items() if k.startswith(parts)}, False)
-        self.encoder_target.load_state_dict(self.encoder.state_dict())
-        self.critic_target.head.load_state_dict(self.critic.head.state_dict())
-
 
 # =================================== environment (Sec. 4.1: the DeepMind Control Suite from pixels)
 ACTION_REPEAT = dict(cartpole=8, reacher=4, cheetah=4, finger=2, ball_in_cup=4, walker=2)
@@ -416,13 +400,9 @@ def load_suite():
 
 
 class DMCEnv:
-    """A dm_control task seen by the agent: action repeat -> observation -> frame stack (Sec. 4.1).
-
-    Observations are uint8 (3 * frame_stack, size, size) renders, or float32 proprioceptive
-    states. Actions live in [-1, 1]^A and are rescaled to the task's bounds. `step` returns
-    (obs, reward, discount, done, env_steps): the time step's discount is 0 only at a true
-    terminal, so the time limit that ends every DMC episode is bootstrapped through.
-    """
+    """A dm_control task as the agent sees it (Sec. 4.1): actions in [-1, 1]^A, repeated; uint8
+    (3 * frame_stack, size, size) renders, or float32 states. `step` gives (obs, reward, discount,
+    done, env_steps): discount is 0 only at a true terminal, not at the time limit of every task."""
 
     def __init__(
         self, domain, task, seed, obs="pixels", image_size=84, frame_stack=3, action_repeat=2
@@ -433,15 +413,16 @@ class DMCEnv:
         visual, name = self.env.physics.model.vis.global_, f"{domain}-{task}"
         largest = min(visual.offwidth, visual.offheight)  # MuJoCo renders into a buffer this big
         if obs == "pixels" and image_size > largest:
+            size = f"{visual.offwidth}x{visual.offheight}"
             raise UsageError(
-                f"--image-size {image_size} is larger than {name}'s offscreen buffer "
-                f"({visual.offwidth}x{visual.offheight}); use at most {largest}"
+                f"--image-size {image_size}: {name} renders at most {size}, use {largest}"
             )
         spec = self.env.action_spec()
         self.action_dim = spec.shape[0]
         self._low, self._high = spec.minimum.astype(np.float64), spec.maximum.astype(np.float64)
         self.frames = collections.deque(maxlen=frame_stack)
-        self.frame_shape = (3, image_size, image_size) if obs == "pixels" else (self.state_dim,)
+        state_dim = sum(size for _, size in self.state_groups)
+        self.frame_shape = (3, image_size, image_size) if obs == "pixels" else (state_dim,)
         self.obs_shape = (self.frame_shape[0] * frame_stack, *self.frame_shape[1:])
         limit = self.env._step_limit  # physics steps per episode
         if action_repeat > limit:
@@ -453,10 +434,6 @@ class DMCEnv:
         """Agent steps that take env_steps environment steps (an episode's last may be short)."""
         episodes, rest = divmod(env_steps, self.episode_env_steps)
         return episodes * self.episode_length + math.ceil(rest / self.action_repeat)
-
-    @property
-    def state_dim(self):
-        return sum(size for _, size in self.state_groups)
 
     @property
     def state_groups(self):
@@ -514,15 +491,12 @@ class DMCEnv:
 class ReplayBuffer:
     """Each frame stored once; stacked observations are rebuilt when sampled.
 
-    Slot t of a ring holds one frame: the first frame of an episode (age 0), or the newest frame
-    of the observation a transition reached, with that transition's action, reward and not-done
-    (age = agent steps since the episode began). The frame j steps before slot t is at slot
-    t - min(j, age[t]), which repeats the first frame at the start of an episode exactly as the
-    environment's stack does. A transition stays sampleable while all k+1 frames it needs are in
-    the ring; the ring has room for `capacity` transitions plus their episodes' first frames.
-    The ring lives on `storage` (the training GPU when it fits there): batches are gathered where
-    it is, by index, and only the indices cross from the host.
-    """
+    Slot t of a ring holds one frame: an episode's first (age 0), or the newest of the observation
+    a transition reached, with its action, reward and not-done (age: agent steps into the
+    episode). The frame j steps before slot t is at t - min(j, age[t]), which repeats the first
+    frame at an episode's start as the environment's stack does. The ring holds `capacity`
+    transitions and their first frames, on `storage` (the training GPU when it fits there):
+    batches are gathered there, by index."""
 
     def __init__(
         self, shape, dtype, k, action_dim, capacity, episode_len, seed=0, device="cpu", storage=None
@@ -536,10 +510,6 @@ class ReplayBuffer:
         self.scalars = torch.empty((self.size, action_dim + 2), device=self.storage)  # a, r, d
         self.age = np.zeros(self.size, np.int32)  # on the host: sampling reads it there
         self.t, self.has_transition = 0, False  # slots ever written; slot t is at t % size
-
-    @property
-    def bytes_per_transition(self):
-        return self.nbytes / self.capacity
 
     def _write(self, frame, age, scalars=None):
         i = self.t % self.size
@@ -595,12 +565,9 @@ class ReplayBuffer:
 
 # ======================================================================================= evaluation
 def evaluate(env, agent, episodes, video_path=None, probe=False, stop=None):
-    """Deterministic policy (tanh of the mean) on the evaluation environment.
-
-    Returns the episode returns and, with probe=True, the critic's latent and the true state of
-    every visited observation, and one observation from the first episode to reconstruct; None
-    as soon as `stop` (the training loop's signal flag) is set.
-    """
+    """The deterministic policy (tanh of the mean): the episode returns, with probe=True the
+    critic's latent and the true state of each observation, and one observation to reconstruct;
+    None as soon as `stop` (the training loop's signal flag) is set."""
     returns, frames, latents, states, sample = [], [], [], [], None
     for episode in range(episodes):
         obs, done, total, t = env.reset(), False, 0.0, 0
@@ -627,10 +594,9 @@ def evaluate(env, agent, episodes, video_path=None, probe=False, stop=None):
 
 
 def linear_probe(latents, states, groups):
-    """Fig. 6: least-squares map latent -> true state fitted on the first half of the frames, R^2 on
-    the second half. R^2 is per state dimension, averaged over dimensions (those that vary), overall
-    and per group of the task's observations (position, velocity, ...); NaN with fewer than 4
-    frames per coefficient in the fitting half, or where no dimension varies."""
+    """Fig. 6: a least-squares map latent -> true state fitted on half the frames, its R^2 on the
+    other half per state dimension, averaged overall and per group of the task's state (position,
+    velocity, ...); NaN with fewer than 4 frames per coefficient, or where no dimension varies."""
     n = len(latents) // 2
     x = np.concatenate([latents, np.ones((len(latents), 1))], axis=1).astype(np.float64)  # bias
     y = states.astype(np.float64)
@@ -673,12 +639,6 @@ class State:
     wall_time: float = 0.0  # seconds the run has taken, up to its last checkpoint
     action: np.ndarray = None  # this agent step's action, chosen before its updates
 
-    def advance(self, reward, env_steps):
-        self.agent_step, self.env_step = self.agent_step + 1, self.env_step + env_steps
-        self.episode_return += reward
-        self.episode_env_steps += env_steps
-        self.action = None
-
 
 def updates_due(agent_step, args):
     """Updates done once agent step t's are: none before --init-steps, a burst of --init-updates at
@@ -694,11 +654,12 @@ def train(args):
             run.evaluate_if_due(stop)  # at env step 0 and every --eval-freq
             if stop:  # it was cut short: the checkpoint keeps it to redo
                 break
-            run.checkpoint_if_due()  # every --checkpoint-freq
+            run.checkpoint(due_only=True)  # every --checkpoint-freq
             # Act: uniform random for the first --init-steps agent steps, then sample the policy.
-            if s.action is None:
-                explore = s.agent_step < args.init_steps
-                s.action = run.random_action() if explore else agent.act(run.obs)
+            if s.action is None and s.agent_step < args.init_steps:
+                s.action = run.action_rng.uniform(-1, 1, env.action_dim).astype(np.float32)
+            elif s.action is None:
+                s.action = agent.act(run.obs)
             # Update: all due by this agent step, a burst of --init-updates at --init-steps
             # (authors' code), then one per step. A signal stops them within one update.
             while s.updates < updates_due(s.agent_step, args) and not stop:
@@ -711,7 +672,9 @@ def train(args):
             # frame, the action, reward and not-done.
             run.obs, reward, not_done, done, env_steps = env.step(s.action)
             replay.add(s.action, reward, not_done, run.obs)
-            s.advance(reward, env_steps)
+            s.agent_step, s.env_step, s.action = s.agent_step + 1, s.env_step + env_steps, None
+            s.episode_return += reward
+            s.episode_env_steps += env_steps
             if done:
                 run.log_episode()  # train.csv, TensorBoard; a NaN loss stops the run here
                 run.obs = env.reset()
@@ -725,15 +688,10 @@ class Run:
 
     def __init__(self, args):
         with contextlib.ExitStack() as held:  # undone at once if the set-up fails
-            self.held, self.stop = (
-                held,
-                stop_on_signal(held),
-            )  # below the banner, as all run-keeping
+            self.held, self.stop = held, stop_on_signal(held)  # below the banner
             self.args, self.device = args, pick_device(args.device)
             seed_everything(args.seed)
-            self.action_rng = np.random.default_rng(
-                args.seed
-            )  # the uniform actions of --init-steps
+            self.action_rng = np.random.default_rng(args.seed)  # the actions of --init-steps
             kw = dict(obs=args.obs, image_size=args.image_size, frame_stack=args.frame_stack)
             kw["action_repeat"] = args.action_repeat
             self.env = DMCEnv(args.domain, args.task, args.seed, **kw)
@@ -741,16 +699,17 @@ class Run:
             self.obs = self.env.reset()  # renders: a GL failure shows here, before the run folder
             if args.save_video:
                 self.eval_env.render(8)  # a state run renders its videos only: the same check
-            # --buffer-size, or fewer if the run has fewer agent steps (a resume that extends the run
-            # grows the ring to what an uninterrupted run of that length would have had).
+            # --buffer-size, or fewer if the run has fewer agent steps (a resume that extends the
+            # run grows the ring to what an uninterrupted run of that length would have had).
             capacity = min(args.buffer_size, self.env.agent_steps(args.total_steps))
             self.replay = replay_buffer(self.env, capacity, args.seed, self.device)
             self.agent = SACAE(self.env.obs_shape, self.env.action_dim, self.device, args)
             self.state, self.metrics = State(), EpisodeMetrics(self.device)
-            self.logs = open_run_folder(self)  # a new run, or this one restored from a checkpoint
+            self.logs = Logs(self)  # below the banner: a new run folder, or this one restored
             self.start = time.time() - self.state.wall_time
             self.clock = (time.perf_counter(), self.state.env_step)  # for fps
-            show_progress(self)
+            bar = dict(total=args.total_steps, initial=self.state.env_step, unit=" env steps")
+            self.bar = held.enter_context(tqdm.tqdm(**bar, disable=not sys.stdout.isatty()))
             self.held = held.pop_all()  # else undone when training ends
 
     def __enter__(self):
@@ -762,9 +721,6 @@ class Run:
         if isinstance(error, NonFiniteError) and "action" in str(error):
             self.metrics.means()  # raises for the NaN or inf loss that came first, if one did
 
-    def random_action(self):
-        return self.action_rng.uniform(-1.0, 1.0, self.env.action_dim).astype(np.float32)
-
     def evaluate_if_due(self, stop):
         """At env step 0, every --eval-freq and at the end: the returns, the linear probe (Fig. 6)
         and a reconstruction. A signal cuts it short, to be redone on resume."""
@@ -772,11 +728,8 @@ class Run:
         end = s.env_step >= args.total_steps and s.last_eval != s.env_step
         if s.env_step // args.eval_freq <= s.last_eval // args.eval_freq and not end:
             return
-        began, pixels, before = (
-            time.perf_counter(),
-            args.obs == "pixels",
-            self.eval_env.state_dict(),
-        )
+        began, pixels = time.perf_counter(), args.obs == "pixels"
+        before = self.eval_env.state_dict()
         video = self.logs.path("video", f"eval_{s.env_step}.mp4") if args.save_video else None
         agent.train(False)
         result = evaluate(self.eval_env, agent, args.eval_episodes, video, pixels, stop)
@@ -798,19 +751,14 @@ class Run:
         fps = args.eval_episodes * self.eval_env.episode_env_steps / (time.perf_counter() - began)
         probe = f" | probe R^2 {row['probe_r2']:.2f}" if pixels else ""
         say(
-            f"[eval] env_step {s.env_step} (agent {s.agent_step}) | return {stats[0]:.1f} +- "
-            f"{stats[1]:.1f} over {len(returns)} episodes{probe} | fps {fps:.0f}"
+            f"[eval] env_step {s.env_step} | return {stats[0]:.1f} +- {stats[1]:.1f}{probe} | {fps:.0f} fps"
         )
 
-    def checkpoint_if_due(self):
-        every = self.args.checkpoint_freq
-        if self.state.env_step // every > self.state.last_checkpoint // every:
-            self.checkpoint()
-
-    def checkpoint(self):
-        self.state.last_checkpoint = self.state.env_step
-        self.state.wall_time = time.time() - self.start
-        return save_checkpoint(self)  # below the banner
+    def checkpoint(self, due_only=False):
+        s, every = self.state, self.args.checkpoint_freq
+        if not due_only or s.env_step // every > s.last_checkpoint // every:
+            s.last_checkpoint, s.wall_time = s.env_step, time.time() - self.start
+            return save_checkpoint(self)  # below the banner
 
     def log_episode(self):
         """The episode's row: its return and length, and the mean of each metric over its updates
@@ -821,13 +769,11 @@ class Run:
         row.update(episode_return=s.episode_return, episode_length=s.episode_env_steps)
         row.update(updates=s.updates, **self.metrics.means(), fps=fps)
         self.logs.write("train.csv", {**row, "wall_time": time.time() - self.start})
-        say(
-            f"[train] env_step {s.env_step} (agent {s.agent_step}) | episode {s.episode} | "
-            f"return {s.episode_return:.1f} | fps {fps:.1f}"
-        )
+        say(f"[train] env_step {s.env_step} | episode {s.episode} | return {s.episode_return:.1f}")
         s.episode, s.episode_return, s.episode_env_steps = s.episode + 1, 0.0, 0
         self.metrics.clear()
         self.clock = (now, s.env_step)
+        self.bar.update(s.env_step - self.bar.n)  # the progress bar on a terminal: rate, ETA
 
     def finish(self, stop):
         """With a signal: a checkpoint, and how to resume. Else the final evaluation, a checkpoint,
@@ -837,18 +783,12 @@ class Run:
             self.evaluate_if_due(stop)
         path = self.checkpoint()
         if stop:
-            say(
-                f"[stopped] {stop[0].name}: checkpoint {path}; resume with: python {sys.argv[0]} "
-                f"--resume {self.args.out_dir}"
-            )
+            say(f"[stopped] {path}; resume with: python {sys.argv[0]} --resume {self.args.out_dir}")
             return 128 + stop[0]
         if self.state.episode_env_steps:
             self.log_episode()
         export_model(self.agent, self.logs.path("model.pt"))
-        say(
-            f"[done] {self.state.env_step} environment steps in {time.time() - self.start:.0f} s; "
-            f"weights in {self.logs.path('model.pt')}"
-        )
+        say(f"[done] {self.state.env_step} env steps in {time.time() - self.start:.0f} s, model.pt")
         return 0
 
 
@@ -909,17 +849,38 @@ TRAIN_FIELDS += [*METRICS, "fps", "wall_time"]
 # TensorBoard under CleanRL's names, so that its users find the curves where they expect them.
 TAGS = dict(episode_return="charts/episodic_return", fps="charts/SPS", critic_loss="losses/qf_loss")
 TAGS.update({k: f"losses/{k}" for k in "actor_loss alpha alpha_loss entropy ae_loss kl".split()})
+TAGS.update(episode_return_mean="eval/return", probe_r2="eval/probe_r2")
 
 
 class Logs:
-    """eval.csv and train.csv (each row flushed to disk) and TensorBoard, in the run folder."""
+    """The run folder, new or (--resume) restored from its latest checkpoint, and its logs:
+    config.json, eval.csv and train.csv (each row flushed to disk), TensorBoard."""
 
     def __init__(self, run):
         from torch.utils.tensorboard import SummaryWriter
 
-        self.folder, groups = run.args.out_dir, run.eval_env.state_groups
-        probe = ["probe_r2", *(f"probe_r2_{name}" for name, _ in groups)]
-        fields = {"eval.csv": EVAL_FIELDS + probe * (run.args.obs == "pixels")}
+        args, r, self.folder = run.args, run.replay, run.args.out_dir
+        if args.resume:
+            path, s = load_checkpoint(run), run.state
+            run.obs, left = run.env.observation(), updates_due(s.agent_step, args) - s.updates
+            burst = f", {left:,} of the burst to go" if left > 1 else ""
+            say(
+                f"[resume] {os.path.basename(path)}: env step {s.env_step}, {s.updates} updates{burst}"
+            )
+        else:
+            if args.load_encoder:
+                load_encoder(run.agent, args.load_encoder)
+            os.makedirs(self.folder, exist_ok=True)
+            r.add_first(run.obs)
+        for folder in ["recon"] * (run.agent.decoder is not None) + ["video"] * args.save_video:
+            os.makedirs(self.path(folder), exist_ok=True)
+        import importlib.metadata as md  # config.json: every flag, and this process's facts
+
+        versions = {p: md.version(p) for p in ("torch", "numpy", "dm_control", "mujoco")}
+        facts = dict(device_resolved=str(run.device), replay_capacity=r.capacity, versions=versions)
+        write_file(self.path("config.json"), {**vars(args), **facts})
+        probe = ["probe_r2", *(f"probe_r2_{name}" for name, _ in run.eval_env.state_groups)]
+        fields = {"eval.csv": EVAL_FIELDS + probe * (args.obs == "pixels")}
         self.files, self.csv = {}, {}
         for name in ("eval.csv", "train.csv"):
             self.files[name] = run.held.enter_context(open(self.path(name), "a", newline=""))
@@ -927,8 +888,13 @@ class Logs:
             if self.files[name].tell() == 0:
                 self.csv[name].writeheader()
         # On resume, purge_step drops the events logged after the checkpoint, as the CSVs are cut.
-        purge = run.state.env_step + 1 if run.args.resume else None
+        purge = run.state.env_step + 1 if args.resume else None
         self.tb = run.held.enter_context(SummaryWriter(self.path("tb"), purge_step=purge))
+        replay = f"replay {r.capacity:,} transitions, {r.nbytes / 2**30:.2f} GiB on {r.storage}"
+        say(
+            f"[setup] {args.domain}-{args.task} seed {args.seed}, {args.obs}, decoder {args.decoder}, "
+            f"action repeat {args.action_repeat}, {run.device} | {replay} | {self.folder}"
+        )
 
     def path(self, *parts):
         return os.path.join(self.folder, *parts)
@@ -939,9 +905,8 @@ class Logs:
             {k: f"{v:.6g}" if isinstance(v, float) else v for k, v in row.items()}
         )
         self.files[name].flush()
-        tags = TAGS if name == "train.csv" else {"episode_return_mean": "eval/return"}
-        for key in tags.keys() & row.keys() | {"probe_r2"} & row.keys():
-            self.tb.add_scalar(tags.get(key, "eval/probe_r2"), row[key], row["env_step"])
+        for key in TAGS.keys() & row.keys():
+            self.tb.add_scalar(TAGS[key], row[key], row["env_step"])
         if picture is not None:
             write_file(self.path("recon", f"eval_{row['env_step']}.png"), picture)
             self.tb.add_image("eval/reconstruction", picture, row["env_step"], dataformats="HWC")
@@ -956,11 +921,9 @@ class Logs:
 
 
 class EpisodeMetrics:
-    """The update metrics of one training episode, kept on the device until its one host sync.
-
-    Each update writes one row of a preallocated table (keeping each update's metrics as tensors
-    of their own, a few bytes each, pinned the allocator's heap between the batch's large buffers:
-    resident memory grew with every update)."""
+    """The update metrics of one training episode, kept on the device until its one host sync,
+    a row of a preallocated table each (as tensors of their own, a few bytes each, they pinned the
+    allocator's heap between the batch's buffers, and resident memory grew with every update)."""
 
     def __init__(self, device):
         self.table, self.columns = torch.zeros(64, len(METRICS), device=device), {}
@@ -1020,42 +983,9 @@ def replay_buffer(env, capacity, seed, device):
         free = int(dict(line.split(":", 1) for line in f)["MemAvailable"].split()[0]) / 2**20
     if storage.type == "cpu" and need > free:
         raise UsageError(
-            f"the replay buffer needs {need:.1f} GiB, {free:.1f} are free: lower --buffer-size"
+            f"the replay needs {need:.1f} GiB, {free:.1f} are free: lower --buffer-size"
         )
     return ReplayBuffer(*shape, seed, device, storage)
-
-
-def open_run_folder(run):
-    """A new run: the folder, and the first frame in the replay buffer. --resume: every part
-    restored from the latest checkpoint, the logs cut back to it. Then config.json and the logs."""
-    args, r = run.args, run.replay
-    if args.resume:
-        path, s = load_checkpoint(run), run.state
-        run.obs, left = run.env.observation(), updates_due(s.agent_step, args) - s.updates
-        burst = f", {left:,} of the burst to go" if left > 1 else ""
-        say(
-            f"[resume] {os.path.basename(path)}: env step {s.env_step}, {s.updates:,} updates{burst}"
-        )
-    else:
-        if args.load_encoder:
-            load_encoder(run.agent, args.load_encoder)
-        os.makedirs(args.out_dir, exist_ok=True)
-        r.add_first(run.obs)
-    for folder in ["recon"] * (run.agent.decoder is not None) + ["video"] * args.save_video:
-        os.makedirs(os.path.join(args.out_dir, folder), exist_ok=True)
-    # Every resolved flag, and facts of the process that started or last resumed the run.
-    import importlib.metadata as md
-
-    versions = {p: md.version(p) for p in ("torch", "numpy", "dm_control", "mujoco")}
-    facts = dict(device_resolved=str(run.device), replay_capacity=r.capacity, versions=versions)
-    write_file(os.path.join(args.out_dir, "config.json"), {**vars(args), **facts})
-    unlisted = " (default for unlisted domains)" * (args.domain not in ACTION_REPEAT)
-    say(
-        f"[setup] {args.domain}-{args.task} seed {args.seed} | obs {args.obs} decoder {args.decoder}"
-        f" | action repeat {args.action_repeat}{unlisted} | device {run.device} | replay "
-        f"{r.capacity:,} transitions, {r.nbytes / 2**30:.2f} GiB on {r.storage} | {args.out_dir}"
-    )
-    return Logs(run)
 
 
 @contextlib.contextmanager
@@ -1103,11 +1033,9 @@ def read_file(path):
 
 def checkpoints(run_dir, pattern=r"ckpt_(\d+)_(\d+)\.pt"):
     """[(env_step, replay_slots, path)] of a run's complete checkpoints, oldest first; with the
-    replay chunks' pattern, [(start, end, path)] of the chunks, holding replay slots [start, end)."""
+    replay chunks' pattern, [(start, end, path)] of the chunks that hold replay slots start..end."""
     folder = os.path.join(run_dir or "", "checkpoints")
-    found = [
-        re.fullmatch(pattern, n) for n in (os.listdir(folder) if os.path.isdir(folder) else [])
-    ]
+    found = [re.fullmatch(pattern, n) for n in os.listdir(folder)] if os.path.isdir(folder) else []
     return sorted((int(m[1]), int(m[2]), os.path.join(folder, m[0])) for m in found if m)
 
 
@@ -1158,12 +1086,12 @@ def load_checkpoint(run):
     (_, slots, path), need = found[-1], max(0, found[-1][1] - replay.size)
 
     def refuse(problem, usable):  # the newest older checkpoint that does without the problem
-        fix = [
-            f"move it aside to resume from {os.path.basename(p)}"
-            for _, t, p in found[:-1]
-            if usable(t)
-        ]
-        fix = fix[-1] if fix else "no older checkpoint does without it: start the run again"
+        older, fix = (
+            [p for _, t, p in found[:-1] if usable(t)],
+            "no older one can: start the run again",
+        )
+        if older:
+            fix = f"move it aside to resume from {os.path.basename(older[-1])}"
         raise UsageError(f"checkpoint {path} {problem}; {fix}")
 
     try:
@@ -1173,10 +1101,8 @@ def load_checkpoint(run):
         refuse(f"is damaged ({' '.join(str(e).split())})", lambda t: True)
     theirs = maths_config(argparse.Namespace(**payload["args"]))
     for k in sorted(k for k in theirs.keys() & vars(args).keys() if theirs[k] != vars(args)[k]):
-        raise UsageError(
-            f"{run_dir}/config.json says {k} {vars(args)[k]!r}, but the checkpoint was "
-            f"trained with {theirs[k]!r}: put config.json back as the run wrote it"
-        )
+        wrote = f"{vars(args)[k]!r}, but the checkpoint was trained with {theirs[k]!r}"
+        raise UsageError(f"config.json says {k} {wrote}: put config.json back as the run wrote it")
     for start, end, chunk in (c for c in chunks if c[0] < slots and c[1] > need):
         if start > need:
             refuse(f"needs replay slots {need}..{start}, which no chunk holds", lambda t: t <= need)
@@ -1224,15 +1150,18 @@ def export_model(agent, path):
 
 
 def load_encoder(agent, path):
-    """--load-encoder: the encoder and both latent heads of a run folder's model.pt, a model.pt or
-    a checkpoint file (transfer, Fig. 7)."""
+    """--load-encoder (transfer, Fig. 7): the encoder and both latent heads of a run folder's
+    model.pt, a model.pt or a checkpoint; the target encoder and critic head start as copies."""
     file = os.path.join(path, "model.pt") if os.path.isdir(path) else path
     try:
         saved = read_file(file)
         weights, config = saved["agent"], saved.get("config") or saved["args"]
         if config["obs"] == "state":
             raise ValueError("a SAC:state run has no encoder to give")
-        agent.load_encoder(weights)
+        parts = ("encoder.", "critic.head.", "actor.head.")
+        agent.load_state_dict({k: v for k, v in weights.items() if k.startswith(parts)}, False)
+        agent.encoder_target.load_state_dict(agent.encoder.state_dict())
+        agent.critic_target.head.load_state_dict(agent.critic.head.state_dict())
     except Exception as e:  # load_state_dict's lines after its first each name a difference
         why = (str(e).splitlines()[1:] or [repr(e)])[0].strip()
         raise UsageError(
@@ -1266,27 +1195,6 @@ def say(line):
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
 
 
-def show_progress(run, every=0.5):
-    """A progress line redrawn from the run's State by a thread of its own: on a terminal a tqdm bar
-    over environment steps (rate, ETA, updates); in a log a [burst] line a minute in a burst."""
-    s, args, done, tty = run.state, run.args, threading.Event(), sys.stdout.isatty()
-    bar = tqdm.tqdm(total=args.total_steps, initial=s.env_step, leave=False, disable=not tty)
-
-    def draw(logged=time.monotonic()):
-        while not done.wait(every):
-            left = updates_due(s.agent_step, args) - s.updates
-            bar.set_postfix_str(f"{s.updates:,} updates" + f" (burst: {left:,} to go)" * (left > 1))
-            bar.update(s.env_step - bar.n)
-            if left > 1 and not tty and time.monotonic() - logged > 60:
-                say(f"[burst] {s.updates:,} updates done, {left:,} to go")
-                logged = time.monotonic()
-
-    thread = threading.Thread(target=draw, daemon=True)
-    thread.start()
-    for undo in (bar.close, thread.join, done.set):  # run in reverse: stop, join, close
-        run.held.callback(undo)
-
-
 # ====================================================================== --compile and CUDA graphs
 def compiled_step(agent, parts):
     """update_step with these parts fixed, through torch.compile (LeanRL's way: the eager code
@@ -1317,13 +1225,11 @@ def compiled_step(agent, parts):
 
 
 class CapturedStep:
-    """fn replayed from a CUDA graph: the update's few hundred kernels launched as one (PyTorch's
-    whole-network capture; LeanRL's CudaGraphModule). fn keeps its state in place (capturable
-    Adam) and reads its tensors from its arguments, which are copied into buffers of fixed address
-    and layout, so that torch.compile's guards see the same inputs every time. The first calls
-    warm up on a side stream, one records the graph, later calls replay it. An agent's variants
-    share `graphs`: a memory pool, a capture stream, and whether a capture failed (then all run
-    uncaptured)."""
+    """fn replayed from a CUDA graph, its kernels launched as one (LeanRL's CudaGraphModule). fn
+    keeps its state in place (capturable Adam) and reads its arguments, copied into buffers of
+    fixed address and layout (torch.compile's guards see the same inputs). The first calls warm
+    up on a side stream, one records, later ones replay. Variants share `graphs`: a memory pool,
+    a capture stream, and whether a capture failed (then all run uncaptured)."""
 
     def __init__(self, fn, device, name, graphs, warmup=3):
         self.fn, self.device, self.name, self.graphs, self.warmup = fn, device, name, graphs, warmup
@@ -1373,7 +1279,7 @@ class CapturedStep:
 
 # ====================================================================================== --benchmark
 def benchmark(args):
-    """Time updates on a replay buffer of random frames, and environment steps: one line."""
+    """Time updates on a replay buffer of random frames, and environment steps: two lines."""
     device = pick_device(args.device)
     seed_everything(args.seed)
     kw = dict(obs=args.obs, image_size=args.image_size, frame_stack=args.frame_stack)
@@ -1388,21 +1294,20 @@ def benchmark(args):
         replay.add(rng.uniform(-1, 1, env.action_dim), rng.random(), 1.0, obs)
 
     def ms_per_call(fn, steps):
-        sync = torch.cuda.synchronize if device.type == "cuda" else lambda: None
-        sync()
         began = time.perf_counter()
         for step in steps:
             fn(step)
-        sync()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
         return (time.perf_counter() - began) * 1000 / len(steps)
 
     def update(step):
         agent.update(replay.sample(args.batch_size), step)
 
-    warmup = 4 + 6 * args.compile  # one-off costs: allocator, kernel plans, compiling, capture
+    warmup, n = 4 + 6 * args.compile, args.bench_updates  # one-off costs: plans, compiling, capture
     ms_per_call(update, range(warmup))
-    ms = ms_per_call(update, range(warmup, warmup + args.bench_updates))
-    sampling = ms_per_call(lambda step: replay.sample(args.batch_size), range(args.bench_updates))
+    ms = ms_per_call(update, range(warmup, warmup + n))
+    sampling = ms_per_call(lambda step: replay.sample(args.batch_size), range(n))
     env.reset()
     env_steps, began = 0, time.perf_counter()
     while time.perf_counter() - began < 2.0 or env_steps < 10 * args.action_repeat:
@@ -1411,43 +1316,33 @@ def benchmark(args):
         if done:
             env.reset()
     sps, name, mode = env_steps / (time.perf_counter() - began), "cpu", args.precision
-    if device.type == "cuda":
-        name = "cuda:" + torch.cuda.get_device_name(device).replace(" ", "_")
-        gib = torch.cuda.max_memory_allocated(device) / 2**30
-        print(
-            f"peak CUDA memory {gib:.2f} GiB, {torch.cuda.max_memory_reserved(device) / 2**30:.2f} reserved"
-        )
-    if args.compile:
-        mode += " + compile"
-    if agent.cuda_graphs:  # how many variants replay from a CUDA graph (a capture can fail)
-        graphs = [step.graph is not None for step in agent.compiled.values()]
-        mode += f" + CUDA graphs ({sum(graphs)} of {len(graphs)} variants)"
     import resource
 
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # GiB, from Linux's KiB
-    per = replay.nbytes / replay.capacity
+    peak = f"peak memory {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB"
+    if device.type == "cuda":
+        name = "cuda:" + torch.cuda.get_device_name(device).replace(" ", "_")
+        peak += f", GPU memory {torch.cuda.max_memory_reserved(device) / 2**30:.2f} GiB reserved"
+    if args.compile:  # and on a GPU, how many variants replay from a CUDA graph
+        graphs = [step.graph is not None for step in agent.compiled.values() if agent.cuda_graphs]
+        mode += f" + compile, CUDA graphs for {sum(graphs)} of {len(agent.compiled)} variants"
     print(
-        f"{args.domain}-{args.task} {args.obs}, {args.image_size} px, batch {args.batch_size}, "
-        f"{name}, {mode}, {torch.get_num_threads()} threads: {ms:.1f} ms per update ({sampling:.1f}"
-        f" of it sampling), {sps:.0f} env steps per second, peak resident memory {peak:.2f} GiB"
+        f"{args.domain}-{args.task} {args.obs}, batch {args.batch_size}, {name}, {mode}, "
+        f"{torch.get_num_threads()} threads: {ms:.1f} ms per update, {sampling:.1f} of it "
+        f"sampling; {sps:.0f} env steps per second; {peak}"
     )
     print(
         f"benchmark ms_per_update={ms:.3f} updates_per_s={1000 / ms:.3f} env_steps_per_s={sps:.1f} "
-        f"replay_bytes_per_transition={round(per)} device={name} precision={args.precision}"
+        f"replay_bytes_per_transition={round(replay.nbytes / replay.capacity)} device={name} "
+        f"precision={args.precision}"
     )
 
 
-# ============================================================================================ --plot
-# SAC+AE:pixel's published returns at 100k and 500k environment steps (10 seeds, the authors'
-# runs): DrQ's Table 1 at 100k and 500k, then CURL's Table 1 at 100k and 500k.
-PUBLISHED = {
-    "cartpole-swingup": (276, 730, 311, 735),
-    "reacher-easy": (225, 601, 274, 627),
-    "cheetah-run": (240, 544, 267, 550),
-    "finger-spin": (747, 914, 740, 884),
-    "ball_in_cup-catch": (338, 810, 391, 794),
-    "walker-walk": (395, 858, 394, 847),
-}
+# =========================================================================================== --plot
+# SAC+AE:pixel's published returns (the authors' runs, 10 seeds) at 100k and 500k env steps, as
+# DrQ's Table 1 and then CURL's Table 1 give them.
+PUBLISHED = dict(cartpole_swingup=(276, 730, 311, 735), reacher_easy=(225, 601, 274, 627))
+PUBLISHED.update(cheetah_run=(240, 544, 267, 550), finger_spin=(747, 914, 740, 884))
+PUBLISHED.update(ball_in_cup_catch=(338, 810, 391, 794), walker_walk=(395, 858, 394, 847))
 
 
 def read_eval_csv(path):
@@ -1484,25 +1379,16 @@ def plot(paths):
         y = np.array([[dict(zip(x, mean))[t] for t in steps] for x, mean, _ in runs])
         spread = y.std(0) if len(runs) > 1 else runs[0][2]
         line = ax.plot(steps, y.mean(0), "o-", ms=3, label=f"{label}: {len(runs)} run(s)")[0]
-        ax.fill_between(
-            steps, y.mean(0) - spread, y.mean(0) + spread, alpha=0.2, color=line.get_color()
-        )
-        if label.split(",")[0] in PUBLISHED:
-            points = PUBLISHED[label.split(",")[0]]
-            ax.plot(
-                [1e5, 5e5, 1e5, 5e5],
-                points,
-                "x",
-                color=line.get_color(),
-                label="DrQ's, CURL's tables",
-            )
+        band, color = (y.mean(0) - spread, y.mean(0) + spread), line.get_color()
+        ax.fill_between(steps, *band, alpha=0.2, color=color)
+        task = label.split(",")[0].replace("-", "_")
+        if task in PUBLISHED:
+            ax.plot([1e5, 5e5] * 2, PUBLISHED[task], "x", color=color, label="published")
     ax.set(xlabel="environment steps", ylabel="evaluation return", ylim=(0, 1000))
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
-    out = os.path.join(
-        os.path.commonpath([os.path.dirname(os.path.abspath(p)) for p in paths]),
-        "learning_curve.png",
-    )
+    folder = os.path.commonpath([os.path.dirname(os.path.abspath(p)) for p in paths])
+    out = os.path.join(folder, "learning_curve.png")
     fig.savefig(out, bbox_inches="tight")
     print(f"[plot] {out}: {len(paths)} eval.csv, {len(curves)} curve(s)")
 
@@ -1639,57 +1525,49 @@ def maths_config(args):
 
 
 def parse_args(argv=None):
-    """Parse and check all that can be checked before building anything (UsageError)."""
+    """Parse and check all that can be checked before building anything (UsageError). --resume:
+    the run's flags from its config.json (an older run: a newer flag's default), with those given
+    that may change."""
     parser, typer = build_parser(), build_parser()
     args = parser.parse_args(argv)
     typer.set_defaults(**dict.fromkeys(vars(args)))  # so that only what argv gives is not None
     typed = {k for k, v in vars(typer.parse_args(argv)).items() if v is not None}
-    if args.plot:
-        for k in sorted(typed - {"plot"}):
-            raise UsageError(f"--{k.replace('_', '-')} has no effect: --plot only draws")
-        for path in args.plot:
-            read_eval_csv(path)  # refuse a missing, empty or foreign file before drawing any
-    elif args.resume is not None:
-        for k in sorted(typed - group(RESUMABLE) - {"resume"}):
-            raise UsageError(f"--{k.replace('_', '-')} cannot be given with --resume (the run keeps "
-                             f"its configuration); only the flags under '{RESUMABLE}' may")
-        args = resume_args(parser, args, typed & group(RESUMABLE))
-    else:
-        resolve_args(args)
-    check_device(args.device)
-    return args
-
-
-def resume_args(parser, given, typed):
-    """The run's configuration from its config.json, with the flags given that may change."""
-    run_dir = given.resume
-    found, config = checkpoints(run_dir.strip() and run_dir), os.path.join(run_dir, "config.json")
-    for wrong, why in [(not run_dir.strip(), "is empty; give a run folder"),
-                       (not os.path.isdir(run_dir), "is no folder"),
-                       (not os.access(run_dir, os.W_OK | os.X_OK), "is read-only"),
-                       (not os.path.isfile(config), "has no config.json: not a run folder"),
-                       (not found, "has no checkpoint in its checkpoints/ folder")]:
+    run_dir, config = args.resume or "", os.path.join(args.resume or "", "config.json")
+    refuse = sorted(typed - {"plot"}) if args.plot else sorted(typed - group(RESUMABLE) - {"resume"})
+    for wrong, why in [
+        (args.plot and refuse, f"--{refuse[0].replace('_', '-')} has no effect with --plot" if refuse else ""),
+        (args.resume is not None and refuse, f"--{refuse[0].replace('_', '-')} cannot be given with --resume "
+         f"(the run keeps its configuration); only the flags under '{RESUMABLE}' may" if refuse else ""),
+        (args.resume is not None and not run_dir.strip(), "--resume is empty; give a run folder"),
+        (run_dir.strip() and not os.path.isdir(run_dir), f"--resume {run_dir} is no folder"),
+        (run_dir.strip() and not os.access(run_dir, os.W_OK | os.X_OK), f"--resume {run_dir} is read-only"),
+        (run_dir.strip() and not os.path.isfile(config), f"--resume {run_dir} has no config.json"),
+        (run_dir.strip() and not checkpoints(run_dir), f"--resume {run_dir} has no checkpoint"),
+    ]:
         if wrong:
-            raise UsageError(f"--resume {run_dir} {why}".replace("  ", " "))
-    try:
-        with open(config) as f:
-            saved = dict(json.load(f))
-    except (OSError, ValueError, TypeError) as e:
-        raise UsageError(f"{config} is damaged ({e}); restore it, or start the run again") from None
-    defaults = vars(parser.parse_args([]))  # a flag newer than the run: its default
-    args = argparse.Namespace(**{**defaults, **{k: v for k, v in saved.items() if k in defaults}})
-    vars(args).update({k: getattr(given, k) for k in typed}, resume=run_dir, out_dir=run_dir)
-    if found[-1][0] >= args.total_steps + args.action_repeat:  # its last step may overshoot
-        raise UsageError(f"--total-steps {args.total_steps}: the run is already at env step "
-                         f"{found[-1][0]}; give at least that")
+            raise UsageError(why)
+    for path in args.plot or []:
+        read_eval_csv(path)  # refuse a missing, empty or foreign file before drawing any
+    if args.resume is None and not args.plot:
+        resolve_args(args)
+    elif args.resume is not None:
+        try:
+            with open(config) as f:
+                saved = dict(json.load(f))
+        except (OSError, ValueError, TypeError) as e:
+            raise UsageError(f"{config} is damaged ({e}); restore it, or start again") from None
+        defaults = vars(build_parser().parse_args([]))
+        given = {k: getattr(args, k) for k in typed & group(RESUMABLE)}
+        args = argparse.Namespace(**{**defaults, **{k: v for k, v in saved.items() if k in defaults}})
+        vars(args).update(given, resume=run_dir, out_dir=run_dir)
+        last = checkpoints(run_dir)[-1][0]
+        if last >= args.total_steps + args.action_repeat:  # its last step may overshoot
+            raise UsageError(f"--total-steps {args.total_steps}: the run is already at env step "
+                             f"{last}; give at least that")
+    gpus = torch.cuda.device_count()
+    if args.device.startswith("cuda") and int(args.device.partition(":")[2] or 0) >= gpus:
+        raise UsageError(f"--device {args.device}, but {gpus} CUDA device(s) are visible")
     return args
-
-
-def check_device(name):
-    index, gpus = int(name.partition(":")[2] or 0), torch.cuda.device_count()
-    if name.startswith("cuda") and index >= gpus:
-        raise UsageError(f"--device {name}, but {gpus} CUDA device(s) are visible; valid: auto, cpu"
-                         + ", cuda:N" * bool(gpus))
 
 
 def resolve_args(args):
@@ -1698,9 +1576,10 @@ def resolve_args(args):
     domains, path, pixels = sorted({d for d, _ in tasks}), args.load_encoder, args.obs == "pixels"
     args.decoder = args.decoder or ("pixel" if pixels else "none")
     for wrong, why in [
-        (args.domain not in domains, f"unknown domain '{args.domain}'; valid: {', '.join(domains)}"),
+        (args.domain not in domains, f"unknown domain '{args.domain}'; valid: {', '.join(domains)}"
+         ),
         ((args.domain, args.task) not in tasks, f"unknown task '{args.task}' for domain "
-         f"{args.domain}; valid tasks: {', '.join(sorted(t for d, t in tasks if d == args.domain))}"),
+         f"{args.domain}; valid tasks: {', '.join(t for d, t in sorted(tasks) if d == args.domain)}"),
         (not pixels and args.decoder != "none", f"--decoder {args.decoder} needs --obs pixels"),
         (not pixels and (path or args.freeze_encoder), "--load-encoder needs --obs pixels"),
         (args.freeze_encoder and not path, "--freeze-encoder needs --load-encoder PATH"),
@@ -1766,27 +1645,28 @@ def explain(e, args):
     """The one line and exit status of a mistake or a fault, from one table; (None, None) else."""
     run_dir = args.out_dir if args is not None and not (args.benchmark or args.plot) else None
     last, folder = checkpoints(run_dir)[-1:], run_dir and os.path.isdir(run_dir)
-    then = (f"the last checkpoint {last[0][2]} is intact: resume with python {sys.argv[0]} --resume "
-            f"{run_dir}" if last else f"no checkpoint was written: remove {run_dir} and start again"
-            if folder else "nothing was written")
+    then = (f"the last checkpoint {last[0][2]} is intact: resume with python {sys.argv[0]} "
+            f"--resume {run_dir}" if last else f"no checkpoint was written: remove {run_dir} and "
+            "start again" if folder else "nothing was written")
     if type(e) is RuntimeError and isinstance(e.__context__, OSError):
         e = e.__context__  # torch.save's zip writer reports a failed write so
     text, signum, errno = " ".join(str(e).split()), getattr(e, "signum", 2), getattr(e, "errno", 0)
-    what = f"writing {getattr(e, 'filename', '')} failed: {getattr(e, 'strerror', None) or text}"
+    file = str(getattr(e, "filename", ""))
+    what = f"writing {file} failed: {getattr(e, 'strerror', None) or text}"
     fix = {28: "free some space", 30: "make the disk writable", 13: "fix the permissions"}
-    model = " (and it writes model.pt again)" * str(getattr(e, "filename", "")).endswith("model.pt.tmp")
+    model = " (and it writes model.pt again)" * file.endswith("model.pt.tmp")
     for fault, code, line in [
         (isinstance(e, UsageError), 2, text),
         (isinstance(e, RenderError), 1, text),
-        (isinstance(e, Interrupted), 128 + signum, f"a second {signal.Signals(signum).name}: stopped at once; {then}"),
+        (isinstance(e, Interrupted), 128 + signum, f"a second {text}: stopped at once; {then}"),
         (isinstance(e, KeyboardInterrupt), 130, f"interrupted; {then}"),
-        (isinstance(e, NonFiniteError), 1, f"{text}; stopped before it reached the simulator; {then}"),
-        (isinstance(e, OSError) and run_dir and not folder, 1, f"{what}: {run_dir} is gone; start again"),
+        (isinstance(e, NonFiniteError), 1, f"{text}; stopped before the simulator; {then}"),
+        (isinstance(e, OSError) and run_dir and not folder, 1, f"{what}: {run_dir} is gone"),
         (isinstance(e, OSError), 1, f"{what}; {fix.get(errno, 'fix that')}, then {then}{model}"),
         (isinstance(e, (MemoryError, torch.OutOfMemoryError)) or "can't allocate memory" in text, 1,
-         f"out of memory ({text}); lower --hidden-dim, --batch-size, --image-size or --buffer-size"),
-        (type(e).__name__ == "PhysicsError", 1, f"the simulation became unstable ({text}); try another "
-         "--seed or a lower lr"),
+         f"out of memory ({text}); lower --hidden-dim, --batch-size, --image-size, --buffer-size"),
+        (type(e).__name__ == "PhysicsError", 1, f"the simulation became unstable ({text}); try "
+         "another --seed or a lower lr"),
     ]:
         if fault:
             return line, code

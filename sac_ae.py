@@ -1,11 +1,10 @@
 """SAC+AE: soft actor-critic from pixels, made stable by a regularized autoencoder.
 
 Yarats et al., "Improving Sample Efficiency in Model-Free Reinforcement Learning from Images"
-(arXiv 1910.01741). A conv encoder is shared by the critic and a deterministic decoder: the
-critic's and the decoder's gradients shape it, the actor's never do (Sec. 5). The file reads in
-the order a run happens: networks, the agent and its update, environment, replay buffer,
-evaluation, the training loop. Below the banner: checkpoints and resume, flags, --benchmark,
---plot, main().
+(arXiv 1910.01741): a conv encoder shared by the critic and a deterministic decoder, shaped by
+their gradients and never by the actor's (Sec. 5). In the order a run happens: networks, agent
+and update, environment, replay buffer, evaluation, training loop; then, below the banner, the
+run-keeping.
 
     python sac_ae.py --domain cheetah --task run --seed 3
 """
@@ -17,12 +16,14 @@ import copy
 import csv
 import dataclasses
 import functools
+import importlib.metadata
 import json
 import math
 import os
 import pickle
 import random
 import re
+import resource
 import signal
 import sys
 import time
@@ -30,8 +31,11 @@ import warnings
 import zipfile
 import zlib
 
+import imageio
+import imageio.v3 as iio
 import numpy as np
 import torch
+import torch._functorch.config
 import torch.nn as nn
 import torch.nn.functional as F
 import tqdm
@@ -118,7 +122,7 @@ def sample_action(mu, log_std):
 
 class Critic(nn.Module):
     """Its latent head z = head(h), the decoder's input too, then two Q networks on concat(z, a)
-    (clipped double Q). With --decoder vae, log_var is the posterior's around the mean z (Sec. 4)."""
+    (clipped double Q). With --decoder vae, log_var is the posterior's, around z (Sec. 4)."""
 
     def __init__(self, repr_dim, feature_dim, action_dim, hidden_dim, pixels=True, vae=False):
         super().__init__()
@@ -139,8 +143,7 @@ class Decoder(nn.Module):
 
     def __init__(self, out_channels, image_size, feature_dim=50, num_filters=32, num_layers=4):
         super().__init__()
-        self.side = conv_output_size(image_size, num_layers)
-        self.num_filters = num_filters
+        self.side, self.num_filters = conv_output_size(image_size, num_layers), num_filters
         self.fc = nn.Linear(feature_dim, num_filters * self.side**2)
         layers = []
         for _ in range(num_layers - 1):
@@ -180,10 +183,10 @@ class SACAE(nn.Module):
         log_std_bounds = (args.actor_log_std_min, args.actor_log_std_max)
         self.actor = Actor(self.encoder.repr_dim, *dims, log_std_bounds, pixels)
         self.critic = Critic(self.encoder.repr_dim, *dims, pixels, vae=args.decoder == "vae")
-        self.decoder = None
-        if args.decoder in ("pixel", "vae"):
-            conv = (args.feature_dim, args.num_filters, args.num_conv_layers)
-            self.decoder = Decoder(obs_shape[0], args.image_size, *conv)
+        conv = (args.feature_dim, args.num_filters, args.num_conv_layers)
+        self.decoder = (
+            Decoder(obs_shape[0], args.image_size, *conv) if args.decoder != "none" else None
+        )
         for net in (self.encoder, self.actor, self.critic, self.decoder):
             if net is not None:
                 net.apply(weight_init)
@@ -213,8 +216,8 @@ class SACAE(nn.Module):
         self.log_alpha_opt = adam([self.log_alpha], args.alpha_lr, args.alpha_beta)
         self.encoder_opt = self.decoder_opt = None
         if self.decoder is not None:
-            # The reconstruction step has its own Adam on the encoder (convs and the critic's
-            # head), beside the critic's (authors' code), and an L2 penalty on the decoder (RAE).
+            # The AE step has its own Adam on the encoder and the critic's head, beside the
+            # critic's (authors' code), and an L2 penalty on the decoder (RAE).
             encoder_params = [*self.encoder.parameters(), *self.critic.head.parameters()]
             if self.critic.log_var is not None:
                 encoder_params += self.critic.log_var.parameters()
@@ -227,9 +230,8 @@ class SACAE(nn.Module):
     def update(self, batch, step):
         """One update (Sec. 5, authors' code); `step` is the agent step, which picks the parts."""
         a = self.args
-        parts = dict(
-            do_actor=step % a.actor_update_freq == 0, do_targets=step % a.target_update_freq == 0
-        )
+        parts = dict(do_actor=step % a.actor_update_freq == 0)
+        parts.update(do_targets=step % a.target_update_freq == 0)
         parts["do_ae"] = self.decoder is not None and step % a.ae_update_freq == 0
         if self.args.compile:
             update_step = compiled_step(self, parts)  # below the banner: same maths, faster
@@ -264,11 +266,9 @@ class SACAE(nn.Module):
             next_action, next_log_pi = sample_action(*self.actor(self.encoder(next_obs)))
             target_q1, target_q2 = self.critic_target(self.encoder_target(next_obs), next_action)
             target_v = torch.min(target_q1, target_q2) - self.alpha * next_log_pi
-            # not_done is the time step's discount: 0 only at a true terminal, so the time limit
-            # that ends every DMC episode is bootstrapped through.
+            # not_done is the discount: 0 only at a true terminal, not at DMC's time limit.
             target_q = reward + not_done * self.args.gamma * target_v
-        # --ae-grad separate (Sec. 4.3): the critic reads a detached z, only reconstruction
-        # shapes the encoder.
+        # --ae-grad separate (Sec. 4.3): the critic reads a detached z; only the AE moves the convs.
         q1, q2 = self.critic(self.encoder(obs), action, detach_z=self.args.ae_grad == "separate")
         # (.float(): under bf16 autocast, network outputs meet float32 targets in float32.)
         loss = F.mse_loss(q1.float(), target_q) + F.mse_loss(q2.float(), target_q)
@@ -365,10 +365,6 @@ class SACAE(nn.Module):
         """The critic's z of one observation (the posterior mean with --decoder vae)."""
         return self.infer(obs, self.critic.head)[0].float().cpu().numpy()
 
-    def reconstruct(self, obs):
-        recon = self.infer(obs, lambda h: self.decoder(self.critic.head(h)))
-        return recon[0].float().cpu().numpy()
-
     def autocast(self):
         bf16, cache = self.args.precision == "bf16", not self.cuda_graphs  # a graph has no cache
         return torch.autocast(self.device.type, torch.bfloat16, enabled=bf16, cache_enabled=cache)
@@ -414,9 +410,7 @@ class DMCEnv:
         largest = min(visual.offwidth, visual.offheight)  # MuJoCo renders into a buffer this big
         if obs == "pixels" and image_size > largest:
             size = f"{visual.offwidth}x{visual.offheight}"
-            raise UsageError(
-                f"--image-size {image_size}: {name} renders at most {size}, use {largest}"
-            )
+            raise UsageError(f"--image-size {image_size}: {name} renders up to {size}")
         spec = self.env.action_spec()
         self.action_dim = spec.shape[0]
         self._low, self._high = spec.minimum.astype(np.float64), spec.maximum.astype(np.float64)
@@ -476,15 +470,12 @@ class DMCEnv:
             raise RenderError(e) from None
 
     def state_dict(self):
-        """Everything needed to continue mid-episode: dm_control pickles physics (model and data, so
-        warm starts and per-episode model edits too), task and its RandomState, and step counters.
-        The model's textures make it 12 MB; they compress to about 0.7 MB."""
+        """All to go on mid-episode: physics, task, its RandomState (12 MB, 0.7 once compressed)."""
         return {"env": zlib.compress(pickle.dumps(self.env), 1), "frames": list(self.frames)}
 
     def load_state_dict(self, state):
         self.env = pickle.loads(zlib.decompress(state["env"]))
-        self.frames.clear()
-        self.frames.extend(state["frames"])
+        self.frames.extend(state["frames"])  # a deque of maxlen frames: they replace all
 
 
 # ==================================================================================== replay buffer
@@ -585,8 +576,6 @@ def evaluate(env, agent, episodes, video_path=None, probe=False, stop=None):
             total, t = total + reward, t + 1
         returns.append(total)
     if frames:
-        import imageio
-
         imageio.mimsave(video_path, frames, fps=30)
     if probe:
         latents, states = np.stack(latents), np.stack(states)
@@ -625,8 +614,7 @@ def reconstruction_image(obs, recon, frame_channels=3):
 # ==================================================================================== training loop
 @dataclasses.dataclass
 class State:
-    """Where a run stands. With the networks, the replay buffer, both environments and the random
-    generators it is all that a checkpoint keeps; what falls due next is a formula of it."""
+    """Where a run stands: with networks, replay, environments and RNGs, all a checkpoint keeps."""
 
     env_step: int = 0
     agent_step: int = 0
@@ -641,8 +629,8 @@ class State:
 
 
 def updates_due(agent_step, args):
-    """Updates done once agent step t's are: none before --init-steps, a burst of --init-updates at
-    it (authors' code), then one per agent step."""
+    """Updates run by the end of agent step t: a burst of --init-updates at --init-steps, then one
+    a step (authors' code)."""
     return 0 if agent_step < args.init_steps else args.init_updates + agent_step - args.init_steps
 
 
@@ -660,16 +648,14 @@ def train(args):
                 s.action = run.action_rng.uniform(-1, 1, env.action_dim).astype(np.float32)
             elif s.action is None:
                 s.action = agent.act(run.obs)
-            # Update: all due by this agent step, a burst of --init-updates at --init-steps
-            # (authors' code), then one per step. A signal stops them within one update.
+            # Update: all due by this agent step (the authors' burst too); a signal stops them.
             while s.updates < updates_due(s.agent_step, args) and not stop:
                 metrics = agent.update(replay.sample(args.batch_size), s.agent_step)
                 run.metrics.add(s.agent_step, metrics)
                 s.updates += 1
             if stop:
                 break
-            # Step the environment with the action chosen before the updates; store the newest
-            # frame, the action, reward and not-done.
+            # Step the environment with it; store the newest frame, action, reward and not-done.
             run.obs, reward, not_done, done, env_steps = env.step(s.action)
             replay.add(s.action, reward, not_done, run.obs)
             s.agent_step, s.env_step, s.action = s.agent_step + 1, s.env_step + env_steps, None
@@ -683,8 +669,7 @@ def train(args):
 
 
 class Run:
-    """A run's parts: its environments, agent, replay buffer, logs and State. A new run writes
-    config.json; --resume restores every part from the run folder's latest checkpoint."""
+    """A run's parts: environments, agent, replay buffer, logs, State (--resume restores all)."""
 
     def __init__(self, args):
         with contextlib.ExitStack() as held:  # undone at once if the set-up fails
@@ -722,8 +707,8 @@ class Run:
             self.metrics.means()  # raises for the NaN or inf loss that came first, if one did
 
     def evaluate_if_due(self, stop):
-        """At env step 0, every --eval-freq and at the end: the returns, the linear probe (Fig. 6)
-        and a reconstruction. A signal cuts it short, to be redone on resume."""
+        """At env step 0, every --eval-freq and at the end: returns, linear probe (Fig. 6) and a
+        reconstruction. A signal cuts it short, to redo on resume."""
         s, args, agent = self.state, self.args, self.agent
         end = s.env_step >= args.total_steps and s.last_eval != s.env_step
         if s.env_step // args.eval_freq <= s.last_eval // args.eval_freq and not end:
@@ -745,14 +730,14 @@ class Run:
             row.update(linear_probe(latents, states, self.eval_env.state_groups))
         picture = None
         if agent.decoder is not None and sample is not None:
-            picture = reconstruction_image(sample, agent.reconstruct(sample))
+            recon = agent.infer(sample, lambda h: agent.decoder(agent.critic.head(h)))
+            picture = reconstruction_image(sample, recon[0].float().cpu().numpy())
         self.logs.write("eval.csv", row, picture)
         s.last_eval = s.env_step
         fps = args.eval_episodes * self.eval_env.episode_env_steps / (time.perf_counter() - began)
         probe = f" | probe R^2 {row['probe_r2']:.2f}" if pixels else ""
-        say(
-            f"[eval] env_step {s.env_step} | return {stats[0]:.1f} +- {stats[1]:.1f}{probe} | {fps:.0f} fps"
-        )
+        returns = f"return {stats[0]:.1f} +- {stats[1]:.1f}{probe}"
+        say(f"[eval] env_step {s.env_step} | {returns} | {fps:.0f} fps")
 
     def checkpoint(self, due_only=False):
         s, every = self.state, self.args.checkpoint_freq
@@ -761,8 +746,7 @@ class Run:
             return save_checkpoint(self)  # below the banner
 
     def log_episode(self):
-        """The episode's row: its return and length, and the mean of each metric over its updates
-        (which raises, naming it, if one is NaN or inf)."""
+        """The episode's row: return, length and each metric's mean (raising on a NaN or inf)."""
         s, (began, from_step), now = self.state, self.clock, time.perf_counter()
         fps = (s.env_step - from_step) / (now - began)  # this process's steps, evaluations too
         row = dict(env_step=s.env_step, agent_step=s.agent_step, episode=s.episode)
@@ -776,9 +760,8 @@ class Run:
         self.bar.update(s.env_step - self.bar.n)  # the progress bar on a terminal: rate, ETA
 
     def finish(self, stop):
-        """With a signal: a checkpoint, and how to resume. Else the final evaluation, a checkpoint,
-        the row of an episode that --total-steps cut (after the checkpoint: a resume that extends
-        the run truncates it and logs that episode whole), and model.pt."""
+        """With a signal: a checkpoint, and how to resume. Else: the last evaluation, a checkpoint,
+        the row of an episode --total-steps cut (an extending resume logs it whole), model.pt."""
         if not stop:
             self.evaluate_if_due(stop)
         path = self.checkpoint()
@@ -794,8 +777,7 @@ class Run:
 
 def pick_device(name):
     """torch.device for --device, and the GPU numerics: true float32 (TF32 off, as the authors'
-    pre-Ampere GPUs computed; --precision bf16 is the fast mode) and cuDNN's autotuner, which picks
-    the fastest kernels for the fixed shapes (so GPU runs are not bit-identical, see README)."""
+    GPUs; bf16 is the fast mode) and cuDNN's autotuner (fixed shapes; not bit-identical runs)."""
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(name)
@@ -833,11 +815,7 @@ class RenderError(RuntimeError):
 
 
 class Interrupted(BaseException):  # not an Exception, as KeyboardInterrupt is not
-    """A second SIGINT or SIGTERM: stop at once."""
-
-    def __init__(self, signum):
-        super().__init__(signal.Signals(signum).name)
-        self.signum = signum
+    """A second SIGINT or SIGTERM (its one argument, a signal.Signals): stop at once."""
 
 
 # ================================================================================ what a run logs
@@ -853,8 +831,7 @@ TAGS.update(episode_return_mean="eval/return", probe_r2="eval/probe_r2")
 
 
 class Logs:
-    """The run folder, new or (--resume) restored from its latest checkpoint, and its logs:
-    config.json, eval.csv and train.csv (each row flushed to disk), TensorBoard."""
+    """The run folder, new or restored by --resume: config.json, eval.csv, train.csv, tb/."""
 
     def __init__(self, run):
         from torch.utils.tensorboard import SummaryWriter
@@ -864,9 +841,7 @@ class Logs:
             path, s = load_checkpoint(run), run.state
             run.obs, left = run.env.observation(), updates_due(s.agent_step, args) - s.updates
             burst = f", {left:,} of the burst to go" if left > 1 else ""
-            say(
-                f"[resume] {os.path.basename(path)}: env step {s.env_step}, {s.updates} updates{burst}"
-            )
+            say(f"[resume] {os.path.basename(path)}: step {s.env_step}, {s.updates} updates{burst}")
         else:
             if args.load_encoder:
                 load_encoder(run.agent, args.load_encoder)
@@ -874,11 +849,13 @@ class Logs:
             r.add_first(run.obs)
         for folder in ["recon"] * (run.agent.decoder is not None) + ["video"] * args.save_video:
             os.makedirs(self.path(folder), exist_ok=True)
-        import importlib.metadata as md  # config.json: every flag, and this process's facts
-
-        versions = {p: md.version(p) for p in ("torch", "numpy", "dm_control", "mujoco")}
+        # config.json: every flag, and facts of the process that started or last resumed the run
+        versions = {
+            p: importlib.metadata.version(p) for p in "torch numpy dm_control mujoco".split()
+        }
         facts = dict(device_resolved=str(run.device), replay_capacity=r.capacity, versions=versions)
-        write_file(self.path("config.json"), {**vars(args), **facts})
+        with atomic_write(self.path("config.json")) as f:
+            f.write(json.dumps({**vars(args), **facts}, indent=2).encode())
         probe = ["probe_r2", *(f"probe_r2_{name}" for name, _ in run.eval_env.state_groups)]
         fields = {"eval.csv": EVAL_FIELDS + probe * (args.obs == "pixels")}
         self.files, self.csv = {}, {}
@@ -890,34 +867,25 @@ class Logs:
         # On resume, purge_step drops the events logged after the checkpoint, as the CSVs are cut.
         purge = run.state.env_step + 1 if args.resume else None
         self.tb = run.held.enter_context(SummaryWriter(self.path("tb"), purge_step=purge))
+        task = f"{args.domain}-{args.task} seed {args.seed}, {args.obs}, decoder {args.decoder}"
         replay = f"replay {r.capacity:,} transitions, {r.nbytes / 2**30:.2f} GiB on {r.storage}"
-        say(
-            f"[setup] {args.domain}-{args.task} seed {args.seed}, {args.obs}, decoder {args.decoder}, "
-            f"action repeat {args.action_repeat}, {run.device} | {replay} | {self.folder}"
-        )
+        say(f"[setup] {task}, action repeat {args.action_repeat}, {run.device} | {replay}")
 
     def path(self, *parts):
         return os.path.join(self.folder, *parts)
 
     def write(self, name, row, picture=None):
         """A row of eval.csv or train.csv, and its TensorBoard scalars (and image)."""
-        self.csv[name].writerow(
-            {k: f"{v:.6g}" if isinstance(v, float) else v for k, v in row.items()}
-        )
+        text = {k: f"{v:.6g}" if isinstance(v, float) else v for k, v in row.items()}
+        self.csv[name].writerow(text)
         self.files[name].flush()
         for key in TAGS.keys() & row.keys():
             self.tb.add_scalar(TAGS[key], row[key], row["env_step"])
         if picture is not None:
-            write_file(self.path("recon", f"eval_{row['env_step']}.png"), picture)
+            with atomic_write(self.path("recon", f"eval_{row['env_step']}.png")) as f:
+                f.write(iio.imwrite("<bytes>", picture, extension=".png"))  # encoded in memory
             self.tb.add_image("eval/reconstruction", picture, row["env_step"], dataformats="HWC")
         self.tb.flush()
-
-    def sync(self):
-        """The rows so far on disk, before a checkpoint that counts them: their sizes in bytes."""
-        self.tb.flush()
-        for file in self.files.values():
-            os.fsync(file.fileno())
-        return {name: file.tell() for name, file in self.files.items()}
 
 
 class EpisodeMetrics:
@@ -945,17 +913,14 @@ class EpisodeMetrics:
         self.present.append(names)
 
     def means(self):
-        """Each metric's mean over the episode's updates; NonFiniteError for the first NaN or inf,
-        naming the metric and the agent step."""
-        values, means = self.table[: len(self.steps)].cpu(), {}
+        """Each metric's mean over the episode; NonFiniteError naming a NaN or inf and its step."""
+        table, means = self.table[: len(self.steps)].cpu(), {}
         for j, name in enumerate(METRICS):
             rows = [i for i, names in enumerate(self.present) if name in names]
-            for i in (i for i in rows if not values[i, j].isfinite()):
-                raise NonFiniteError(
-                    f"{name} became {values[i, j]:g} at agent step {self.steps[i]}"
-                )
+            for i in (i for i in rows if not table[i, j].isfinite()):
+                raise NonFiniteError(f"{name} became {table[i, j]:g} at agent step {self.steps[i]}")
             if rows:
-                means[name] = values[rows, j].mean().item()
+                means[name] = table[rows, j].mean().item()
         return means
 
     def state_dict(self):
@@ -1006,21 +971,8 @@ def atomic_write(path):
     os.close(fd)
 
 
-def write_file(path, data):
-    """path written atomically: torch.save's .pt, .json, or a .png encoded in memory."""
-    import imageio.v3 as iio
-
-    with atomic_write(path) as f:
-        if path.endswith(".pt"):
-            torch.save(data, f)
-        else:
-            png = path.endswith(".png") and iio.imwrite("<bytes>", data, extension=".png")
-            f.write(png or json.dumps(data, indent=2).encode())
-
-
 def read_file(path):
-    """torch.load of our own .pt (numpy inside), or np.load of an .npz, once every CRC-32 of its
-    zip checks out (torch.load checks none); ValueError saying what is wrong."""
+    """Our own .pt (torch.load) or .npz (np.load) once its zip's CRCs check out, else ValueError."""
     try:
         with zipfile.ZipFile(path) as z:
             bad = z.testzip()
@@ -1032,8 +984,7 @@ def read_file(path):
 
 
 def checkpoints(run_dir, pattern=r"ckpt_(\d+)_(\d+)\.pt"):
-    """[(env_step, replay_slots, path)] of a run's complete checkpoints, oldest first; with the
-    replay chunks' pattern, [(start, end, path)] of the chunks that hold replay slots start..end."""
+    """[(env_step, replay_slots, path)] of a run's checkpoints; of CHUNKS: [(start, end, path)]."""
     folder = os.path.join(run_dir or "", "checkpoints")
     found = [re.fullmatch(pattern, n) for n in os.listdir(folder)] if os.path.isdir(folder) else []
     return sorted((int(m[1]), int(m[2]), os.path.join(folder, m[0])) for m in found if m)
@@ -1043,14 +994,15 @@ CHECKPOINT_FORMAT, CHUNKS = 3, r"replay_(\d+)_(\d+)\.npz"  # 3: State, frames an
 
 
 def save_checkpoint(run):
-    """The replay slots added since the last checkpoint as a chunk of their own, then one file with
-    all else, each written atomically; then checkpoints beyond --keep-checkpoints, and the chunks
-    that no kept checkpoint needs, are removed."""
+    """New replay slots as a chunk, then all else, atomically; then what none kept needs goes."""
     s, args, replay, folder = run.state, run.args, run.replay, run.logs.path("checkpoints")
     run.metrics.means()  # raises on a NaN or inf loss: never write a poisoned checkpoint
     if not torch.stack([torch.isfinite(p).all() for p in run.agent.parameters()]).all():
         raise NonFiniteError(f"a parameter became NaN or inf by agent step {s.agent_step}")
-    csv_bytes, chunks = run.logs.sync(), checkpoints(args.out_dir, CHUNKS)
+    for file in run.logs.files.values():  # the rows it counts on disk before it
+        os.fsync(file.fileno())
+    csv_bytes = {name: file.tell() for name, file in run.logs.files.items()}
+    chunks = checkpoints(args.out_dir, CHUNKS)
     os.makedirs(folder, exist_ok=True)
     start = max([0, replay.t - replay.size, *(end for _, end, _ in chunks)])
     if start < replay.t:
@@ -1067,7 +1019,8 @@ def save_checkpoint(run):
     payload.update(metrics=run.metrics.state_dict(), env=run.env.state_dict())
     payload["eval_env"] = run.eval_env.state_dict()
     path = os.path.join(folder, f"ckpt_{s.env_step:010d}_{replay.t:012d}.pt")
-    write_file(path, payload)
+    with atomic_write(path) as f:
+        torch.save(payload, f)
     found = checkpoints(args.out_dir)
     kept = found[-args.keep_checkpoints - 1 :]
     for _, _, old in found[: -len(kept)]:
@@ -1079,17 +1032,13 @@ def save_checkpoint(run):
 
 
 def load_checkpoint(run):
-    """Restore what save_checkpoint wrote. A damaged or foreign checkpoint is refused in one line,
-    and the run folder changes only once everything has been read."""
+    """Restore what save_checkpoint wrote; the run folder changes only once all of it is read."""
     args, replay, run_dir = run.args, run.replay, run.args.out_dir
     found, chunks = checkpoints(run_dir), checkpoints(run_dir, CHUNKS)
     (_, slots, path), need = found[-1], max(0, found[-1][1] - replay.size)
 
     def refuse(problem, usable):  # the newest older checkpoint that does without the problem
-        older, fix = (
-            [p for _, t, p in found[:-1] if usable(t)],
-            "no older one can: start the run again",
-        )
+        older, fix = [p for _, t, p in found[:-1] if usable(t)], "none older can: start again"
         if older:
             fix = f"move it aside to resume from {os.path.basename(older[-1])}"
         raise UsageError(f"checkpoint {path} {problem}; {fix}")
@@ -1146,12 +1095,12 @@ def load_checkpoint(run):
 def export_model(agent, path):
     """RUN_DIR/model.pt: the trained networks alone, for torch.load(..., weights_only=True)."""
     weights = {k: t.cpu() for k, t in agent.state_dict().items()}  # loads without a GPU
-    write_file(path, {"agent": weights, "config": maths_config(agent.args)})
+    with atomic_write(path) as f:
+        torch.save({"agent": weights, "config": maths_config(agent.args)}, f)
 
 
 def load_encoder(agent, path):
-    """--load-encoder (transfer, Fig. 7): the encoder and both latent heads of a run folder's
-    model.pt, a model.pt or a checkpoint; the target encoder and critic head start as copies."""
+    """--load-encoder (Fig. 7): the encoder and both latent heads of a model.pt or checkpoint."""
     file = os.path.join(path, "model.pt") if os.path.isdir(path) else path
     try:
         saved = read_file(file)
@@ -1165,19 +1114,18 @@ def load_encoder(agent, path):
     except Exception as e:  # load_state_dict's lines after its first each name a difference
         why = (str(e).splitlines()[1:] or [repr(e)])[0].strip()
         raise UsageError(
-            f"--load-encoder {path}: no encoder for this run in {file} ({why})"
+            f"--load-encoder {path}: no encoder for this run in {file}: {why}"
         ) from None
 
 
 # ====================================================================== signals, console, progress
 def stop_on_signal(held):
-    """A list the training loop reads: empty until a SIGINT or SIGTERM, which asks the loop to
-    finish its update or step and write a checkpoint; a second signal stops at once."""
+    """The list the loop reads: a SIGINT or SIGTERM in it asks for a checkpoint; a second, out."""
     stop = []
 
     def handler(signum, frame):
         if stop:
-            raise Interrupted(signum)
+            raise Interrupted(signal.Signals(signum))
         stop.append(signal.Signals(signum))
 
     for s in (signal.SIGINT, signal.SIGTERM):
@@ -1186,8 +1134,7 @@ def stop_on_signal(held):
 
 
 def say(line):
-    """A console line, above the progress bar. When the console has gone (a closed pipe: `| head`)
-    the run goes on writing its run folder, and the console into /dev/null."""
+    """A console line. When the console has gone (`| head`), the run goes on, printing nowhere."""
     try:
         tqdm.tqdm.write(line, file=sys.stdout)
         sys.stdout.flush()
@@ -1197,13 +1144,10 @@ def say(line):
 
 # ====================================================================== --compile and CUDA graphs
 def compiled_step(agent, parts):
-    """update_step with these parts fixed, through torch.compile (LeanRL's way: the eager code
-    stays the code), on a GPU replayed from a CUDA graph; each variant compiled at its first use."""
+    """update_step with these parts, torch.compiled at first use (as LeanRL); on a GPU, graphed."""
     key = tuple(parts.values())
     if key in agent.compiled:
         return agent.compiled[key]
-    import torch._functorch.config
-
     # torch 2.13 on CPU sometimes crashed (SIGSEGV) writing AOTAutograd's on-disk cache.
     torch._functorch.config.enable_autograd_cache = False
     name = "update with critic" + "".join(", " + k[3:] for k, on in parts.items() if on)
@@ -1271,7 +1215,7 @@ class CapturedStep:
             return self.fn(*self.inputs)  # this call's update, uncaptured
         self.graph, self.outputs = graph, outputs
         say(
-            f"[compile] {self.name}: captured in a CUDA graph in {time.perf_counter() - began:.1f} s"
+            f"[compile] {self.name}: captured in a CUDA graph in {time.perf_counter() - began:.1f}s"
         )
         self.graph.replay()  # this call's update
         return self.outputs
@@ -1308,16 +1252,9 @@ def benchmark(args):
     ms_per_call(update, range(warmup))
     ms = ms_per_call(update, range(warmup, warmup + n))
     sampling = ms_per_call(lambda step: replay.sample(args.batch_size), range(n))
-    env.reset()
-    env_steps, began = 0, time.perf_counter()
-    while time.perf_counter() - began < 2.0 or env_steps < 10 * args.action_repeat:
-        *_, done, steps = env.step(rng.uniform(-1, 1, env.action_dim))
-        env_steps += steps
-        if done:
-            env.reset()
-    sps, name, mode = env_steps / (time.perf_counter() - began), "cpu", args.precision
-    import resource
-
+    env.reset()  # and 20 agent steps, rendering included (no episode is as short)
+    ms_env = ms_per_call(lambda step: env.step(rng.uniform(-1, 1, env.action_dim)), range(20))
+    sps, name, mode = 1000 * args.action_repeat / ms_env, "cpu", args.precision
     peak = f"peak memory {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB"
     if device.type == "cuda":
         name = "cuda:" + torch.cuda.get_device_name(device).replace(" ", "_")
@@ -1328,18 +1265,14 @@ def benchmark(args):
     print(
         f"{args.domain}-{args.task} {args.obs}, batch {args.batch_size}, {name}, {mode}, "
         f"{torch.get_num_threads()} threads: {ms:.1f} ms per update, {sampling:.1f} of it "
-        f"sampling; {sps:.0f} env steps per second; {peak}"
-    )
-    print(
-        f"benchmark ms_per_update={ms:.3f} updates_per_s={1000 / ms:.3f} env_steps_per_s={sps:.1f} "
-        f"replay_bytes_per_transition={round(replay.nbytes / replay.capacity)} device={name} "
-        f"precision={args.precision}"
+        f"sampling; {sps:.0f} env steps per second; {peak}\nbenchmark ms_per_update={ms:.3f} "
+        f"updates_per_s={1000 / ms:.3f} env_steps_per_s={sps:.1f} replay_bytes_per_transition="
+        f"{round(replay.nbytes / replay.capacity)} device={name} precision={args.precision}"
     )
 
 
 # =========================================================================================== --plot
-# SAC+AE:pixel's published returns (the authors' runs, 10 seeds) at 100k and 500k env steps, as
-# DrQ's Table 1 and then CURL's Table 1 give them.
+# SAC+AE:pixel's published returns at 100k, 500k env steps: DrQ's Table 1, then CURL's Table 1.
 PUBLISHED = dict(cartpole_swingup=(276, 730, 311, 735), reacher_easy=(225, 601, 274, 627))
 PUBLISHED.update(cheetah_run=(240, 544, 267, 550), finger_spin=(747, 914, 740, 884))
 PUBLISHED.update(ball_in_cup_catch=(338, 810, 391, 794), walker_walk=(395, 858, 394, 847))
@@ -1352,19 +1285,18 @@ def read_eval_csv(path):
             rows = list(csv.DictReader(f))
         columns = ("env_step", "episode_return_mean", "episode_return_std")
         table = np.array([[float(r[c]) for c in columns] for r in rows]).reshape(-1, 3)
-    except OSError as e:
-        raise UsageError(f"--plot {path}: cannot read it ({e.strerror})") from None
-    except (KeyError, TypeError, ValueError, UnicodeDecodeError, csv.Error):
-        raise UsageError(f"--plot {path}: not an eval.csv of sac_ae.py (env_step, ...)") from None
+    except (OSError, KeyError, TypeError, ValueError, UnicodeDecodeError, csv.Error) as e:
+        raise UsageError(
+            f"--plot {path}: no eval.csv of sac_ae.py ({type(e).__name__}: {e})"
+        ) from None
     if not len(table):
         raise UsageError(f"--plot {path}: no evaluation rows yet")
     return table.T
 
 
 def plot(paths):
-    """One figure of all the eval.csv given, learning_curve.png in the folder that holds them: the
-    runs of one task and mode as one curve, their mean with a band of +-1 std across them (one
-    run's: across its evaluation episodes), and the published points of the task."""
+    """learning_curve.png where the eval.csv given are: a curve per task and mode, the mean over
+    runs and a band of +-1 std across them (one run's: across episodes), the published points."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -1412,11 +1344,9 @@ class Parser(argparse.ArgumentParser):
     def error(self, message):  # one line through main()'s error boundary, not a usage dump
         raise UsageError(message)
 
-
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     def _get_help_string(self, action):  # a default resolved later says so in its help: [...]
         return action.help if action.default is None else super()._get_help_string(action)
-
 
 def checked(convert, valid, what):
     """An argparse type: convert the text and refuse what is not `valid`, saying what it must be."""
@@ -1427,7 +1357,6 @@ def checked(convert, valid, what):
         raise argparse.ArgumentTypeError(f"must be {what}, got '{text}'")
     return parse
 
-
 count = checked(int, lambda v: v > 0, "a positive integer")
 seed = checked(int, lambda v: 0 <= v < 2**32 - EVAL_SEED_OFFSET, "an integer in [0, 2^32 - 10001]")
 positive = checked(float, lambda v: 0 < v < math.inf, "a positive number")
@@ -1437,7 +1366,6 @@ beta = checked(float, lambda v: 0 <= v < 1, "a number in [0, 1), as Adam needs")
 finite = checked(float, math.isfinite, "a finite number")
 device = checked(str, lambda v: re.fullmatch(r"auto|cpu|cuda(:\d+)?", v), "auto, cpu or cuda[:N]")
 RESUMABLE, MODES = "run: these may change on --resume", "run folder and modes"
-
 
 def build_parser():
     p = Parser(prog="sac_ae.py", formatter_class=HelpFormatter, description=__doc__.split("\n\n")[0]
@@ -1511,64 +1439,61 @@ def build_parser():
     g.add_argument("--freeze-encoder", action="store_true", help="keep the loaded encoder fixed")
     return p
 
-
 @functools.cache
 def group(title):
     """The flags (dests) under one heading of --help: the headings say what may change on resume."""
     groups = build_parser()._action_groups
     return {a.dest for g in groups if g.title == title for a in g._group_actions}
 
-
 def maths_config(args):
     """What a run's checkpoints must agree on: every flag but how long, where and the modes."""
     return {k: v for k, v in sorted(vars(args).items()) if k not in group(RESUMABLE) | group(MODES)}
 
-
 def parse_args(argv=None):
-    """Parse and check all that can be checked before building anything (UsageError). --resume:
-    the run's flags from its config.json (an older run: a newer flag's default), with those given
-    that may change."""
+    """Parse and check all that can be checked before building anything (UsageError)."""
     parser, typer = build_parser(), build_parser()
     args = parser.parse_args(argv)
     typer.set_defaults(**dict.fromkeys(vars(args)))  # so that only what argv gives is not None
     typed = {k for k, v in vars(typer.parse_args(argv)).items() if v is not None}
-    run_dir, config = args.resume or "", os.path.join(args.resume or "", "config.json")
-    refuse = sorted(typed - {"plot"}) if args.plot else sorted(typed - group(RESUMABLE) - {"resume"})
-    for wrong, why in [
-        (args.plot and refuse, f"--{refuse[0].replace('_', '-')} has no effect with --plot" if refuse else ""),
-        (args.resume is not None and refuse, f"--{refuse[0].replace('_', '-')} cannot be given with --resume "
-         f"(the run keeps its configuration); only the flags under '{RESUMABLE}' may" if refuse else ""),
-        (args.resume is not None and not run_dir.strip(), "--resume is empty; give a run folder"),
-        (run_dir.strip() and not os.path.isdir(run_dir), f"--resume {run_dir} is no folder"),
-        (run_dir.strip() and not os.access(run_dir, os.W_OK | os.X_OK), f"--resume {run_dir} is read-only"),
-        (run_dir.strip() and not os.path.isfile(config), f"--resume {run_dir} has no config.json"),
-        (run_dir.strip() and not checkpoints(run_dir), f"--resume {run_dir} has no checkpoint"),
-    ]:
-        if wrong:
-            raise UsageError(why)
-    for path in args.plot or []:
-        read_eval_csv(path)  # refuse a missing, empty or foreign file before drawing any
-    if args.resume is None and not args.plot:
+    for k in sorted(typed - {"plot"} if args.plot else ()):
+        raise UsageError(f"--{k.replace('_', '-')} has no effect: --plot only draws")
+    if args.resume is not None:
+        args = resume_args(args.resume, typed, vars(args))
+    elif not args.plot:
         resolve_args(args)
-    elif args.resume is not None:
-        try:
-            with open(config) as f:
-                saved = dict(json.load(f))
-        except (OSError, ValueError, TypeError) as e:
-            raise UsageError(f"{config} is damaged ({e}); restore it, or start again") from None
-        defaults = vars(build_parser().parse_args([]))
-        given = {k: getattr(args, k) for k in typed & group(RESUMABLE)}
-        args = argparse.Namespace(**{**defaults, **{k: v for k, v in saved.items() if k in defaults}})
-        vars(args).update(given, resume=run_dir, out_dir=run_dir)
-        last = checkpoints(run_dir)[-1][0]
-        if last >= args.total_steps + args.action_repeat:  # its last step may overshoot
-            raise UsageError(f"--total-steps {args.total_steps}: the run is already at env step "
-                             f"{last}; give at least that")
     gpus = torch.cuda.device_count()
     if args.device.startswith("cuda") and int(args.device.partition(":")[2] or 0) >= gpus:
         raise UsageError(f"--device {args.device}, but {gpus} CUDA device(s) are visible")
     return args
 
+def resume_args(run_dir, typed, given):
+    """The run's flags from config.json (a newer flag: its default), and any that may change."""
+    config = os.path.join(run_dir, "config.json")
+    for wrong, why in [(typed - group(RESUMABLE) - {"resume"}, "cannot be given with --resume"),
+                       (not run_dir.strip(), "is empty: give a run folder"),
+                       (not os.path.isdir(run_dir), "is no folder"),
+                       (not os.access(run_dir, os.W_OK | os.X_OK), "is read-only"),
+                       (not os.path.isfile(config), "has no config.json"),
+                       (not checkpoints(run_dir), "has no checkpoint")]:
+        if wrong and why[0] == "c":  # a flag that is the run's own, not this command's
+            flag = "--" + sorted(wrong)[0].replace("_", "-")
+            raise UsageError(f"{flag} {why}: only the flags under '{RESUMABLE}' may")
+        if wrong:
+            raise UsageError(f"--resume {run_dir} {why}".replace("  ", " "))
+    try:
+        with open(config) as f:
+            saved = dict(json.load(f))
+    except (OSError, ValueError, TypeError) as e:
+        raise UsageError(f"{config} is damaged ({e}); restore it, or start again") from None
+    merged = {**vars(build_parser().parse_args([])), **saved}
+    args = argparse.Namespace(**{k: merged[k] for k in given})
+    vars(args).update({k: given[k] for k in typed & group(RESUMABLE)}, out_dir=run_dir)
+    args.resume = run_dir
+    last = checkpoints(run_dir)[-1][0]
+    if last >= args.total_steps + args.action_repeat:  # its last step may overshoot
+        raise UsageError(f"--total-steps {args.total_steps}: the run is already at env step "
+                         f"{last}; give at least that")
+    return args
 
 def resolve_args(args):
     """Fill the defaults that depend on the task, and refuse inconsistent input (UsageError)."""
@@ -1579,7 +1504,7 @@ def resolve_args(args):
         (args.domain not in domains, f"unknown domain '{args.domain}'; valid: {', '.join(domains)}"
          ),
         ((args.domain, args.task) not in tasks, f"unknown task '{args.task}' for domain "
-         f"{args.domain}; valid tasks: {', '.join(t for d, t in sorted(tasks) if d == args.domain)}"),
+         f"{args.domain}; valid: {', '.join(t for d, t in sorted(tasks) if d == args.domain)}"),
         (not pixels and args.decoder != "none", f"--decoder {args.decoder} needs --obs pixels"),
         (not pixels and (path or args.freeze_encoder), "--load-encoder needs --obs pixels"),
         (args.freeze_encoder and not path, "--freeze-encoder needs --load-encoder PATH"),
@@ -1600,28 +1525,23 @@ def resolve_args(args):
     args.frame_stack = args.frame_stack or (3 if pixels else 1)
     args.init_updates = args.init_updates or args.init_steps
     args.checkpoint_freq = args.checkpoint_freq or args.eval_freq
-    if not args.benchmark:
-        stamp = f"{args.domain}-{args.task}-s{args.seed}-{time.strftime('%Y%m%d-%H%M%S')}"
-        args.out_dir = os.path.join("runs", stamp) if args.out_dir is None else args.out_dir
-        check_out_dir(args.out_dir)
-
-
-def check_out_dir(out_dir):
-    """A run folder must be new or empty, and creatable: refused now, not after set-up."""
-    parent = os.path.abspath(out_dir)
+    if args.benchmark:
+        return
+    stamp = f"{args.domain}-{args.task}-s{args.seed}-{time.strftime('%Y%m%d-%H%M%S')}"
+    out = args.out_dir = os.path.join("runs", stamp) if args.out_dir is None else args.out_dir
+    parent = os.path.abspath(out)
     while not os.path.exists(parent):  # the nearest part of the path that exists
         parent = os.path.dirname(parent)
-    for wrong, why in [
-        (not out_dir.strip(), "is empty; give a folder name"),
-        (os.path.isfile(out_dir), "is a file; give a new folder"),
-        (os.path.islink(out_dir) and not os.path.exists(out_dir), "is a link to nothing"),
-        (os.path.isdir(out_dir) and os.listdir(out_dir), "already exists and is not empty"),
+    for wrong, why in [  # a run folder must be new or empty, and makeable: refused now, not later
+        (not out.strip(), "is empty; give a folder name"),
+        (os.path.isfile(out), "is a file; give a new folder"),
+        (os.path.islink(out) and not os.path.exists(out), "is a link to nothing"),
+        (os.path.isdir(out) and os.listdir(out), "already exists and is not empty"),
         (not os.path.isdir(parent), f"is in {parent}, a file"),
         (not os.access(parent, os.W_OK | os.X_OK), f"cannot be made in {parent} (read-only?)"),
     ]:
         if wrong:
-            raise UsageError(f"--out-dir {out_dir} {why}".replace("  ", " "))
-
+            raise UsageError(f"--out-dir {out} {why}".replace("  ", " "))
 
 # ========================================================================= main: the one boundary
 def main(argv=None):
@@ -1640,7 +1560,6 @@ def main(argv=None):
         print(f"sac_ae.py: error: {line}", file=sys.stderr)
         return code
 
-
 def explain(e, args):
     """The one line and exit status of a mistake or a fault, from one table; (None, None) else."""
     run_dir = args.out_dir if args is not None and not (args.benchmark or args.plot) else None
@@ -1650,7 +1569,8 @@ def explain(e, args):
             "start again" if folder else "nothing was written")
     if type(e) is RuntimeError and isinstance(e.__context__, OSError):
         e = e.__context__  # torch.save's zip writer reports a failed write so
-    text, signum, errno = " ".join(str(e).split()), getattr(e, "signum", 2), getattr(e, "errno", 0)
+    text, errno = " ".join(str(e).split()), getattr(e, "errno", 0)
+    sig = e.args[0] if isinstance(e, Interrupted) else signal.SIGINT
     file = str(getattr(e, "filename", ""))
     what = f"writing {file} failed: {getattr(e, 'strerror', None) or text}"
     fix = {28: "free some space", 30: "make the disk writable", 13: "fix the permissions"}
@@ -1658,7 +1578,7 @@ def explain(e, args):
     for fault, code, line in [
         (isinstance(e, UsageError), 2, text),
         (isinstance(e, RenderError), 1, text),
-        (isinstance(e, Interrupted), 128 + signum, f"a second {text}: stopped at once; {then}"),
+        (isinstance(e, Interrupted), 128 + sig, f"a second {sig.name}: stopped at once; {then}"),
         (isinstance(e, KeyboardInterrupt), 130, f"interrupted; {then}"),
         (isinstance(e, NonFiniteError), 1, f"{text}; stopped before the simulator; {then}"),
         (isinstance(e, OSError) and run_dir and not folder, 1, f"{what}: {run_dir} is gone"),

@@ -18,6 +18,7 @@ import dataclasses
 import functools
 import importlib.metadata
 import json
+import logging
 import math
 import os
 import pickle
@@ -26,6 +27,7 @@ import re
 import resource
 import signal
 import sys
+import threading
 import time
 import warnings
 import zipfile
@@ -850,10 +852,9 @@ class Logs:
         for folder in ["recon"] * (run.agent.decoder is not None) + ["video"] * args.save_video:
             os.makedirs(self.path(folder), exist_ok=True)
         # config.json: every flag, and facts of the process that started or last resumed the run
-        versions = {
-            p: importlib.metadata.version(p) for p in "torch numpy dm_control mujoco".split()
-        }
-        facts = dict(device_resolved=str(run.device), replay_capacity=r.capacity, versions=versions)
+        packages = "torch numpy dm_control mujoco".split()
+        facts = dict(device_resolved=str(run.device), replay_capacity=r.capacity)
+        facts["versions"] = {p: importlib.metadata.version(p) for p in packages}
         with atomic_write(self.path("config.json")) as f:
             f.write(json.dumps({**vars(args), **facts}, indent=2).encode())
         probe = ["probe_r2", *(f"probe_r2_{name}" for name, _ in run.eval_env.state_groups)]
@@ -947,9 +948,7 @@ def replay_buffer(env, capacity, seed, device):
     with contextlib.suppress(OSError, KeyError, ValueError), open("/proc/meminfo") as f:
         free = int(dict(line.split(":", 1) for line in f)["MemAvailable"].split()[0]) / 2**20
     if storage.type == "cpu" and need > free:
-        raise UsageError(
-            f"the replay needs {need:.1f} GiB, {free:.1f} are free: lower --buffer-size"
-        )
+        raise UsageError(f"the replay needs {need:.1f} GiB, {free:.1f} free: lower --buffer-size")
     return ReplayBuffer(*shape, seed, device, storage)
 
 
@@ -1214,9 +1213,7 @@ class CapturedStep:
             say(f"[compile] {self.name}: CUDA-graph capture failed ({why}); it runs uncaptured")
             return self.fn(*self.inputs)  # this call's update, uncaptured
         self.graph, self.outputs = graph, outputs
-        say(
-            f"[compile] {self.name}: captured in a CUDA graph in {time.perf_counter() - began:.1f}s"
-        )
+        say(f"[compile] {self.name}: CUDA graph captured in {time.perf_counter() - began:.1f} s")
         self.graph.replay()  # this call's update
         return self.outputs
 
@@ -1547,7 +1544,11 @@ def resolve_args(args):
 def main(argv=None):
     """The command line. Every mistake and fault ends here in one line on stderr and an exit
     status: 2 for a mistake, 1 for a fault, 128 + N for signal N; a bug keeps its traceback."""
-    args = None
+    args = None  # dm_control's noise: MuJoCo's deprecations in the suite's XML, GLFW's no display
+    logging.getLogger("absl").filters = [lambda r: "deprecated" not in r.getMessage()]
+    warnings.filterwarnings("ignore", module="glfw")  # the one error line says what failed
+    # TensorBoard's writer thread re-raises its OSError here, at its next write: reported once.
+    threading.excepthook = lambda a: issubclass(a.exc_type, OSError) or threading.__excepthook__(a)
     try:
         args = parse_args(argv)
         if args.plot:
@@ -1558,6 +1559,7 @@ def main(argv=None):
         if line is None:
             raise
         print(f"sac_ae.py: error: {line}", file=sys.stderr)
+        sys.unraisablehook = lambda _: None  # half-made GL contexts' finalizers: nothing to add
         return code
 
 def explain(e, args):
@@ -1571,7 +1573,7 @@ def explain(e, args):
         e = e.__context__  # torch.save's zip writer reports a failed write so
     text, errno = " ".join(str(e).split()), getattr(e, "errno", 0)
     sig = e.args[0] if isinstance(e, Interrupted) else signal.SIGINT
-    file = str(getattr(e, "filename", ""))
+    file = str(getattr(e, "filename", None) or "the run folder")
     what = f"writing {file} failed: {getattr(e, 'strerror', None) or text}"
     fix = {28: "free some space", 30: "make the disk writable", 13: "fix the permissions"}
     model = " (and it writes model.pt again)" * file.endswith("model.pt.tmp")
@@ -1582,7 +1584,7 @@ def explain(e, args):
         (isinstance(e, KeyboardInterrupt), 130, f"interrupted; {then}"),
         (isinstance(e, NonFiniteError), 1, f"{text}; stopped before the simulator; {then}"),
         (isinstance(e, OSError) and run_dir and not folder, 1, f"{what}: {run_dir} is gone"),
-        (isinstance(e, OSError), 1, f"{what}; {fix.get(errno, 'fix that')}, then {then}{model}"),
+        (isinstance(e, OSError), 1, f"{what}; {fix.get(errno, 'fix that')}; {then}{model}"),
         (isinstance(e, (MemoryError, torch.OutOfMemoryError)) or "can't allocate memory" in text, 1,
          f"out of memory ({text}); lower --hidden-dim, --batch-size, --image-size, --buffer-size"),
         (type(e).__name__ == "PhysicsError", 1, f"the simulation became unstable ({text}); try "

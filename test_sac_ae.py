@@ -120,10 +120,15 @@ def read_csv(path):
         return list(csv.DictReader(f))
 
 
-def one_line_error(capsys):
-    lines = capsys.readouterr().err.strip().splitlines()
-    assert len(lines) == 1 and "Traceback" not in lines[0], lines
+def only_line(stderr):
+    """The whole of stderr is one error line: no traceback, nothing printed after it."""
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("sac_ae.py: error: "), stderr
     return lines[0]
+
+
+def one_line_error(capsys):
+    return only_line(capsys.readouterr().err)
 
 
 def exit_code(argv):
@@ -139,6 +144,7 @@ TINY_RUN = ["--domain", "cartpole", "--task", "swingup", "--seed", "2", "--total
             "--init-steps", "30", "--eval-freq", "400", "--eval-episodes", "1",
             "--checkpoint-freq", "200", "--batch-size", "8", "--image-size", "32",
             "--hidden-dim", "32", "--num-filters", "8", "--device", "cpu"]  # fmt: skip
+STATE_RUN = [*without(TINY_RUN, *CONV_FLAGS), "--obs", "state"]  # renders nothing
 
 
 def tiny_run(out, *extra, code=0, **flags):
@@ -934,14 +940,16 @@ def test_load_encoder_and_action_repeat_mistakes_are_one_line(tmp_path, capsys):
     assert not (tmp_path / "run").exists()
 
 
-def test_state_run_with_video_but_no_renderer_fails_before_the_run_folder(tmp_path):
+@pytest.mark.parametrize("gl", ["disable", "glfw"])  # glfw: no display here
+def test_no_renderer_is_the_whole_of_stderr_before_the_run_folder(tmp_path, gl):
     out = tmp_path / "run"
     argv = [sys.executable, SCRIPT, "--domain", "cartpole", "--task", "swingup", "--obs", "state",
             "--save-video", "--out-dir", str(out)]  # fmt: skip
-    env = dict(os.environ, MUJOCO_GL="disable")
-    result = subprocess.run(argv, capture_output=True, text=True, timeout=120, env=env, cwd=HERE)
-    assert result.returncode == 1 and "Traceback" not in result.stderr
-    assert "rendering with MUJOCO_GL=disable failed" in result.stderr.strip().splitlines()[-1]
+    env = {k: v for k, v in os.environ.items() if k != "DISPLAY"}
+    result = subprocess.run(argv, capture_output=True, text=True, timeout=120,
+                            env={**env, "MUJOCO_GL": gl}, cwd=HERE)  # fmt: skip
+    assert result.returncode == 1  # no GLFW warnings, no "Exception ignored in: MjrContext.__del__"
+    assert f"rendering with MUJOCO_GL={gl} failed" in only_line(result.stderr)
     assert not out.exists()
 
 
@@ -1080,7 +1088,7 @@ def test_sigkill_while_a_checkpoint_is_written_then_resume_equals_uninterrupted_
 ):
     # In the checkpoint at env step 400, mid-episode: its replay chunk is on disk, its .pt not.
     out = tmp_path / "run"
-    argv = [*without(TINY_RUN, *CONV_FLAGS), "--obs", "state", "--out-dir", str(out)]
+    argv = [*STATE_RUN, "--out-dir", str(out)]
     killed = subprocess.run([sys.executable, "-c", KILLED_IN_SAVE, "2", *argv], cwd=HERE,
                             capture_output=True, text=True)  # fmt: skip
     assert killed.returncode == -signal.SIGKILL, killed.stderr
@@ -1322,6 +1330,49 @@ def test_a_full_disk_while_torch_save_writes_leaves_no_file_and_reads_as_os_erro
     assert "No space left on device" in line and "free some space" in line and code == 1
 
 
+TENSORBOARD_FAILS = """import errno, sys, sac_ae
+from tensorboard.summary.writer import record_writer
+def full(self, data):  # in TensorBoard's writer thread
+    raise OSError(errno.ENOSPC, "No space left on device")
+record_writer.RecordWriter.write = full
+sys.exit(sac_ae.main(sys.argv[1:]))
+"""
+
+
+@slow
+def test_tensorboard_failing_in_its_thread_is_the_one_line_alone(tmp_path):
+    argv = [sys.executable, "-c", TENSORBOARD_FAILS, *STATE_RUN, "--out-dir", str(tmp_path / "r")]
+    result = subprocess.run(argv, capture_output=True, text=True, timeout=300, cwd=HERE)
+    assert result.returncode == 1  # no "Exception in thread" traceback before it
+    assert "No space left on device; free some space" in only_line(result.stderr)
+
+
+def test_a_run_folder_deleted_mid_run_is_one_line_saying_so(tmp_path, monkeypatch, capsys):
+    out, evaluate = tmp_path / "run", sac_ae.evaluate
+
+    def then_delete_the_folder(*a, **k):
+        result = evaluate(*a, **k)
+        shutil.rmtree(out)
+        return result
+
+    monkeypatch.setattr(sac_ae, "evaluate", then_delete_the_folder)
+    tiny_run(out, obs="state", code=1)
+    assert one_line_error(capsys).endswith(f"{out} is gone")  # not "free some space"
+
+
+@slow
+def test_a_closed_console_leaves_the_run_going_and_its_folder_whole(tmp_path, state_reference):
+    out = tmp_path / "run"
+    argv = [sys.executable, SCRIPT, *STATE_RUN, "--out-dir", str(out)]
+    run = subprocess.Popen(
+        argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=HERE
+    )
+    assert run.stdout.readline().startswith("[setup]")
+    run.stdout.close()  # as `| head -1` does
+    assert run.wait(timeout=300) == 0 and run.stderr.read() == ""
+    assert_same_run(out, state_reference)
+
+
 @slow
 def test_disk_full_ends_in_one_line_keeps_the_checkpoint_and_the_run_resumes(
     tmpfs, state_reference, capsys, monkeypatch
@@ -1362,8 +1413,7 @@ def test_nan_loss_stops_the_run_naming_loss_and_step_and_keeps_last_good_checkpo
         return metrics
 
     monkeypatch.setattr(sac_ae.SACAE, "update", poisoned)
-    argv = [*without(TINY_RUN, *CONV_FLAGS), "--obs", "state", "--out-dir", str(tmp_path / "run")]
-    args = sac_ae.parse_args(argv)
+    args = sac_ae.parse_args([*STATE_RUN, "--out-dir", str(tmp_path / "run")])
     with pytest.raises(sac_ae.NonFiniteError, match=r"critic_loss became nan at agent step 60$"):
         sac_ae.train(args)
     found = sac_ae.checkpoints(str(tmp_path / "run"))

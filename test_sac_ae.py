@@ -1373,6 +1373,17 @@ def test_a_closed_console_leaves_the_run_going_and_its_folder_whole(tmp_path, st
     assert_same_run(out, state_reference)
 
 
+def test_a_full_disk_while_model_pt_is_written_says_resume_writes_it_again(tmp_path):
+    (tmp_path / "checkpoints").mkdir()
+    (tmp_path / "checkpoints" / "ckpt_0000000600_000000000075.pt").write_bytes(b"")
+    full = OSError(28, "No space left on device", str(tmp_path / "model.pt.tmp"))
+    args = sac_ae.parse_args(["--domain", "cartpole", "--task", "swingup"])
+    args.out_dir = str(tmp_path)
+    line, code = sac_ae.explain(full, args)
+    assert code == 1 and "ckpt_0000000600_000000000075.pt is intact" in line
+    assert line.endswith(f"--resume {tmp_path} (and it writes model.pt again)")
+
+
 @slow
 def test_disk_full_ends_in_one_line_keeps_the_checkpoint_and_the_run_resumes(
     tmpfs, state_reference, capsys, monkeypatch

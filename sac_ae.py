@@ -798,9 +798,9 @@ def seed_everything(seed):
 
 
 # ##################################################################################################
-# SAC+AE ends here: all of it, the training loop included, is above. Below is what wraps the loop:
-# logs, the run folder, checkpoints and resume, signals, --compile's CUDA graphs, --benchmark,
-# --plot, the flags and their checks, and main(), the one error boundary.
+# SAC+AE ends here: all of it, the training loop included, is above. Tooling below, what wraps the
+# loop: logs, the run folder, checkpoints and resume, signals, --compile's CUDA graphs,
+# --benchmark, --plot, the flags and their checks, and main(), the one error boundary.
 # ##################################################################################################
 class UsageError(ValueError):
     """A user mistake: one line and exit status 2."""

@@ -150,7 +150,7 @@ STATE_RUN = [*without(TINY_RUN, *CONV_FLAGS), "--obs", "state"]  # renders nothi
 def tiny_run(out, *extra, code=0, **flags):
     """TINY_RUN (with flags replaced: total_steps=400, obs="state") into `out`, in this process.
     A state run renders nothing: the tests of faults that pixels do not change use one."""
-    argv = without(TINY_RUN, *CONV_FLAGS) if flags.get("obs") == "state" else TINY_RUN
+    argv = STATE_RUN if flags.get("obs") == "state" else TINY_RUN
     for name, value in flags.items():
         argv = with_flag(argv, "--" + name.replace("_", "-"), str(value))
     assert sac_ae.main([*argv, *extra, "--out-dir", str(out)]) == code

@@ -70,7 +70,7 @@ def mlp(in_dim, hidden_dim, out_dim):
 
 
 def latent_head(in_dim, feature_dim):
-    """Linear -> LayerNorm -> tanh: conv features to a bounded latent z (Fig. 4)."""
+    """Linear -> LayerNorm -> tanh: conv features to a bounded latent z (authors' code)."""
     return nn.Sequential(nn.Linear(in_dim, feature_dim), nn.LayerNorm(feature_dim), nn.Tanh())
 
 
@@ -124,7 +124,7 @@ def sample_action(mu, log_std):
 
 class Critic(nn.Module):
     """Its latent head z = head(h), the decoder's input too, then two Q networks on concat(z, a)
-    (clipped double Q). With --decoder vae, log_var is the posterior's, around z (Sec. 4)."""
+    (clipped double Q). With --decoder vae, log_var is the posterior's, around z (Eq. 4)."""
 
     def __init__(self, repr_dim, feature_dim, action_dim, hidden_dim, pixels=True, vae=False):
         super().__init__()
@@ -241,8 +241,7 @@ class SACAE(nn.Module):
             update_step = functools.partial(self.update_step, **parts)
         with self.autocast():  # --precision bf16; parameters, losses and Adam stay float32
             metrics = update_step(*batch)
-        # A reduced loss can be a 0-d view of the whole element-wise buffer (F.mse_loss on CPU:
-        # 32 MB at batch 128): copy each value out, so that what callers keep is 4 bytes.
+        # .clone(): a 0-d loss may view its whole element-wise buffer (F.mse_loss on CPU).
         return {k: v.detach().clone() for k, v in metrics.items()}
 
     def update_step(self, obs, action, reward, next_obs, not_done, do_actor, do_targets, do_ae):
@@ -263,7 +262,7 @@ class SACAE(nn.Module):
         return {**critic_metrics, **actor_metrics, **ae_metrics}
 
     def update_critic(self, obs, action, reward, next_obs, not_done):
-        """Soft Bellman backup on clipped double Q; the critic's gradient trains the encoder."""
+        """J(Q), Eq. 1, on clipped double Q: the soft Bellman residual, which trains the encoder."""
         with torch.no_grad():
             next_action, next_log_pi = sample_action(*self.actor(self.encoder(next_obs)))
             target_q1, target_q2 = self.critic_target(self.encoder_target(next_obs), next_action)
@@ -280,7 +279,7 @@ class SACAE(nn.Module):
         return {"critic_loss": loss, "q": q1.mean()}
 
     def update_actor_and_alpha(self, h):
-        """SAC's policy step on detached conv features, then the temperature step."""
+        """J(pi), Eq. 2, on detached conv features; then alpha's step (Haarnoja et al., 2018b)."""
         pi, log_pi = sample_action(*self.actor(h))
         q1, q2 = self.critic(h, pi)
         actor_loss = (self.alpha.detach() * log_pi - torch.min(q1, q2).float()).mean()
@@ -297,17 +296,17 @@ class SACAE(nn.Module):
 
     @torch.no_grad()
     def update_targets(self):
-        """The target encoder (convs and the critic's head) follows faster, tau 0.05, than the
-        target Q networks, tau 0.01 (authors' code)."""
+        """The target encoder (convs and the critic's head) follows faster than the target Q
+        networks (Sec. 5): tau 0.05 against 0.01 (authors' code)."""
         soft_update(self.encoder, self.encoder_target, self.args.encoder_tau)
         soft_update(self.critic.head, self.critic_target.head, self.args.encoder_tau)
         soft_update(self.critic.Q1, self.critic_target.Q1, self.args.critic_tau)
         soft_update(self.critic.Q2, self.critic_target.Q2, self.args.critic_tau)
 
     def update_autoencoder(self, pixels, h):
-        """RAE (Sec. 5): reconstruct the 5-bit observation from the critic's latent z, with an L2
-        penalty on z (the decoder's weight decay is in its Adam). --decoder vae: beta-VAE (Sec. 4)
-        reconstructing a sample of the posterior, plus beta * KL."""
+        """J(AE), Eq. 3, as an RAE (Ghosh et al., 2019; Sec. 5): reconstruct the 5-bit observation
+        from the critic's z, plus an L2 penalty on z and the decoder's weight decay (in its Adam;
+        both authors' code). --decoder vae: J(VAE), Eq. 4, on a sample of the posterior."""
         # 8-bit pixels -> ae_bits-bit bins scaled to [-0.5, 0.5), plus uniform dequantisation
         # noise of one bin (Kingma & Dhariwal, Glow):
         #     target = floor(pixels / 2^(8 - bits)) / 2^bits - 0.5 + U(0, 1) / 2^bits
@@ -415,7 +414,7 @@ class DMCEnv:
             raise UsageError(f"--image-size {image_size}: {name} renders up to {size}")
         spec = self.env.action_spec()
         self.action_dim = spec.shape[0]
-        self._low, self._high = spec.minimum.astype(np.float64), spec.maximum.astype(np.float64)
+        self._low, self._high = spec.minimum.astype(np.float32), spec.maximum.astype(np.float32)
         self.frames = collections.deque(maxlen=frame_stack)
         state_dim = sum(size for _, size in self.state_groups)
         self.frame_shape = (3, image_size, image_size) if obs == "pixels" else (state_dim,)
@@ -454,7 +453,8 @@ class DMCEnv:
         return self.observation()
 
     def step(self, action):
-        action = self._low + (np.asarray(action, np.float64) + 1.0) * 0.5 * (self._high - self._low)
+        a = np.asarray(action, np.float64) + 1  # to the bounds as dmc2gym does, float32 in and out
+        action = (self._low + a * 0.5 * (self._high - self._low)).astype(np.float32)
         reward, env_steps = 0.0, 0
         for _ in range(self.action_repeat):
             time_step = self.env.step(action)
@@ -1374,7 +1374,7 @@ def build_parser():
     g.add_argument("--seed", type=seed, default=1, help="seeds python, numpy, torch, environments")
     g.add_argument("--obs", default="pixels", choices=["pixels", "state"], help="state: SAC:state")
     g.add_argument("--decoder", choices=["pixel", "vae", "none"],
-                   help="pixel: SAC+AE; vae: beta-VAE (Sec. 4); none: SAC:pixel [pixel if pixels]")
+                   help="pixel: SAC+AE; vae: beta-VAE (Eq. 4); none: SAC:pixel [pixel if pixels]")
     g = p.add_argument_group(RESUMABLE)
     g.add_argument("--total-steps", type=count, default=500_000, help="environment steps to train")
     g.add_argument("--device", type=device, default="auto", help="auto, cpu, cuda or cuda:N")
@@ -1406,8 +1406,8 @@ def build_parser():
     g.add_argument("--gamma", type=fraction, default=0.99, help="discount")
     g.add_argument("--critic-lr", type=positive, default=1e-3, help="Adam lr, critic and encoder")
     g.add_argument("--critic-beta", type=beta, default=0.9, help="Adam beta1 of the critic")
-    g.add_argument("--critic-tau", type=fraction, default=0.01, help="target rate of the Q heads")
-    g.add_argument("--encoder-tau", type=fraction, default=0.05, help="target rate of the encoder")
+    g.add_argument("--critic-tau", type=fraction, default=0.01, help="target rate: Q1, Q2")
+    g.add_argument("--encoder-tau", type=fraction, default=0.05, help="target rate: convs, z head")
     g.add_argument("--target-update-freq", type=count, default=2, help="targets every N steps")
     g.add_argument("--actor-lr", type=positive, default=1e-3, help="Adam lr of the actor")
     g.add_argument("--actor-beta", type=beta, default=0.9, help="Adam beta1 of the actor")

@@ -642,7 +642,7 @@ def train(args):
         s, agent, env, replay, stop = run.state, run.agent, run.env, run.replay, run.stop
         while s.env_step < args.total_steps and not stop:
             run.evaluate_if_due(stop)  # at env step 0 and every --eval-freq
-            if stop:  # it was cut short: the checkpoint keeps it to redo
+            if stop:  # the evaluation was cut short: a resume redoes it
                 break
             run.checkpoint(due_only=True)  # every --checkpoint-freq
             # Act: uniform random for the first --init-steps agent steps, then sample the policy.
@@ -692,7 +692,7 @@ class Run:
             self.replay = replay_buffer(self.env, capacity, args.seed, self.device)
             self.agent = SACAE(self.env.obs_shape, self.env.action_dim, self.device, args)
             self.state, self.metrics = State(), EpisodeMetrics(self.device)
-            self.logs = Logs(self)  # below the banner: a new run folder, or this one restored
+            self.logs = Logs(self)  # below the banner: a new run folder, or --resume restores all
             self.start = time.time() - self.state.wall_time
             self.clock = (time.perf_counter(), self.state.env_step)  # for fps
             bar = dict(total=args.total_steps, initial=self.state.env_step, unit=" env steps")

@@ -358,7 +358,6 @@ def test_quadruped_renders_from_camera_2():
     assert not np.array_equal(obs[-3:], env.env.physics.render(84, 84).transpose(2, 0, 1))
 
 
-
 def test_actions_reach_the_bounds_as_dmc2gym_maps_them():
     # Quadruped's bounds are not +-1: the mapping's precision shows. dmc2gym (the authors'
     # wrapper) keeps the bounds in float32, computes in float64 and hands the task float32.

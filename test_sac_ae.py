@@ -1007,25 +1007,23 @@ def test_pixel_run_writes_its_run_folder(reference_run):
 
 @slow
 def test_baselines_and_paper_variants_run_and_readme_snippet_loads_their_weights(
-    tmp_path, reference_run
+    tmp_path, reference_run, state_reference
 ):
     vae_iter = ["--decoder", "vae", "--ae-grad", "separate", "--ae-update-freq", "2"]
     transfer = ["--domain", "cartpole", "--task", "balance", "--decoder", "none",
                 "--load-encoder", str(reference_run), "--freeze-encoder"]  # fmt: skip
-    # SAC:state, and SAC:pixel (--decoder none) as the transfer run
-    variants = {
-        "state": ([], "state"),
-        "vae_iter": (vae_iter, "pixels"),
-        "transfer": (transfer, "pixels"),
-    }
-    for name, (argv, obs) in variants.items():
-        out = tiny_run(tmp_path / name, *argv, total_steps=400, obs=obs)
+    # SAC:state (the state reference run), and SAC:pixel (--decoder none) as the transfer run
+    runs = {"state": state_reference}
+    for name, argv in {"vae_iter": vae_iter, "transfer": transfer}.items():
+        runs[name] = tiny_run(tmp_path / name, *argv, total_steps=400, obs="pixels")
+    for name, out in runs.items():
         train = read_csv(out / "train.csv")
         assert float(train[-1]["critic_loss"]) > 0
         assert (train[-1]["ae_loss"] == "") == (name != "vae_iter")
-        assert len(read_csv(out / "eval.csv")) == 2
+        evaluated = [row["env_step"] for row in read_csv(out / "eval.csv")]
+        assert evaluated[0] == "0" and evaluated[-1] == train[-1]["env_step"]  # and at the end
         assert np.isfinite(run_readme_snippet(out)["action"]).all()
-    assert json.loads((tmp_path / "state" / "config.json").read_text())["frame_stack"] == 1
+    assert json.loads((state_reference / "config.json").read_text())["frame_stack"] == 1
 
 
 def run_readme_snippet(run_dir):
@@ -1142,15 +1140,15 @@ def test_sigint_in_the_burst_stops_within_an_update_and_resumes_identically(tmp_
 
 
 @slow
-def test_resume_extends_a_finished_run_to_the_same_files_as_one_run(tmp_path, reference_run):
-    out = tiny_run(tmp_path / "run", total_steps=400)
+def test_resume_extends_a_finished_run_to_the_same_files_as_one_run(tmp_path, state_reference):
+    out = tiny_run(tmp_path / "run", total_steps=400, obs="state")
     # A crash between writing and renaming the next checkpoint leaves a .tmp.
-    (out / "checkpoints" / "ckpt_0000000600_000000000077.pt.tmp").write_bytes(b"partial")
+    (out / "checkpoints" / "ckpt_0000000600_000000000076.pt.tmp").write_bytes(b"partial")
     resume(out, "--total-steps", "600")
     assert json.loads((out / "config.json").read_text())["total_steps"] == 600
     # Its replay ring grew with the run (50 -> 75 agent steps), and the episode that the first
     # run's end cut is logged whole: the same run as one of 600 steps, row for row.
-    assert_same_run(out, reference_run)
+    assert_same_run(out, state_reference)
 
 
 @slow

@@ -670,7 +670,7 @@ def train(args):
         return run.finish(stop)
 
 
-class Run:
+class Run(contextlib.AbstractContextManager):  # `with Run(args) as run:` gives the run itself
     """A run's parts: environments, agent, replay buffer, logs, State (--resume restores all)."""
 
     def __init__(self, args):
@@ -698,9 +698,6 @@ class Run:
             bar = dict(total=args.total_steps, initial=self.state.env_step, unit=" env steps")
             self.bar = held.enter_context(tqdm.tqdm(**bar, disable=not sys.stdout.isatty()))
             self.held = held.pop_all()  # else undone when training ends
-
-    def __enter__(self):
-        return self
 
     def __exit__(self, kind, error, traceback):
         with contextlib.suppress(OSError):  # a full disk fails the closing too: reported already
@@ -1546,6 +1543,7 @@ def main(argv=None):
     status: 2 for a mistake, 1 for a fault, 128 + N for signal N; a bug keeps its traceback."""
     args = None  # dm_control's noise: MuJoCo's deprecations in the suite's XML, GLFW's no display
     logging.getLogger("absl").filters = [lambda r: "deprecated" not in r.getMessage()]
+    logging.getLogger("torch._dynamo.variables.ctx_manager").setLevel(logging.ERROR)  # Adam's hook
     warnings.filterwarnings("ignore", module="glfw")  # the one error line says what failed
     # TensorBoard's writer thread re-raises its OSError here, at its next write: reported once.
     threading.excepthook = lambda a: issubclass(a.exc_type, OSError) or threading.__excepthook__(a)

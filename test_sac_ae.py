@@ -11,6 +11,7 @@ import csv
 import functools
 import hashlib
 import json
+import logging
 import os
 import re
 import shutil
@@ -1609,9 +1610,13 @@ def test_compiled_run_prints_compile_time_and_resumes(tmp_path, capsys, monkeypa
     # The plumbing of --compile: Inductor's C++ code generation (half a minute on a cold cache)
     # is swapped for aot_eager here; the test below checks what Inductor computes.
     monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="aot_eager"))
+    heard, handler = [], logging.Handler(logging.WARNING)  # Dynamo's warnings, on any stream
+    handler.emit = heard.append
+    monkeypatch.setattr(logging.getLogger("torch._dynamo"), "handlers", [handler])
     out = tiny_run(tmp_path / "run", "--compile", total_steps=400, obs="state")
     printed = capsys.readouterr().out
     assert printed.count("[compile] update with critic, actor, targets: compiled in") == 1
+    assert [r.getMessage() for r in heard] == []  # main() filters the one on Adam's hook
     resume(out, "--total-steps", "600")
     assert [r["env_step"] for r in read_csv(out / "eval.csv")] == ["0", "400", "600"]
 

@@ -849,9 +849,8 @@ class Logs:
         for folder in ["recon"] * (run.agent.decoder is not None) + ["video"] * args.save_video:
             os.makedirs(self.path(folder), exist_ok=True)
         # config.json: every flag, and facts of the process that started or last resumed the run
-        packages = "torch numpy dm_control mujoco".split()
-        facts = dict(device_resolved=str(run.device), replay_capacity=r.capacity)
-        facts["versions"] = {p: importlib.metadata.version(p) for p in packages}
+        ver = {p: importlib.metadata.version(p) for p in "torch numpy dm_control mujoco".split()}
+        facts = dict(device_resolved=str(run.device), replay_capacity=r.capacity, versions=ver)
         with atomic_write(self.path("config.json")) as f:
             f.write(json.dumps({**vars(args), **facts}, indent=2).encode())
         probe = ["probe_r2", *(f"probe_r2_{name}" for name, _ in run.eval_env.state_groups)]
@@ -1048,6 +1047,9 @@ def load_checkpoint(run):
     for k in sorted(k for k in theirs.keys() & vars(args).keys() if theirs[k] != vars(args)[k]):
         wrote = f"{vars(args)[k]!r}, but the checkpoint was trained with {theirs[k]!r}"
         raise UsageError(f"config.json says {k} {wrote}: put config.json back as the run wrote it")
+    with open(os.path.join(run_dir, "train.csv")) as f:  # METRICS edited since the run began?
+        if f.readline().strip() != ",".join(TRAIN_FIELDS):
+            raise UsageError(f"{f.name} has columns from another sac_ae.py: resume with that one")
     for start, end, chunk in (c for c in chunks if c[0] < slots and c[1] > need):
         if start > need:
             refuse(f"needs replay slots {need}..{start}, which no chunk holds", lambda t: t <= need)

@@ -1241,16 +1241,17 @@ def test_a_lost_newest_replay_chunk_points_to_the_checkpoint_before_it(
     ("ok", ["--total-steps", "592"], "already at env step 600"),  # 592 + one action repeat
     ("edited", [], "config.json says critic_lr 0.5, but the checkpoint was trained with 0.001"),
     ("corrupt", [], "config.json is damaged"),
+    ("metric", [], "train.csv has columns from another sac_ae.py: resume with that one"),
 ])  # fmt: skip
 def test_bad_resume_is_one_line_exit_2_and_changes_nothing(
-    tmp_path, reference_run, capsys, setup, argv, needle
+    tmp_path, reference_run, capsys, monkeypatch, setup, argv, needle
 ):
     out = tmp_path / "run"
     if setup != "missing":
         out.mkdir()
     if setup not in ("missing", "empty"):
         shutil.copy(reference_run / "config.json", out / "config.json")
-    if setup in ("ok", "edited", "corrupt"):
+    if setup in ("ok", "edited", "corrupt", "metric"):
         shutil.copytree(reference_run / "checkpoints", out / "checkpoints")
         for name in ("eval.csv", "train.csv"):
             shutil.copy(reference_run / name, out / name)
@@ -1259,6 +1260,8 @@ def test_bad_resume_is_one_line_exit_2_and_changes_nothing(
         (out / "config.json").write_text(json.dumps({**config, "critic_lr": 0.5}))
     if setup == "corrupt":
         (out / "config.json").write_text("{not json")
+    if setup == "metric":  # the code logs one more metric than when the run began
+        monkeypatch.setattr(sac_ae, "TRAIN_FIELDS", [*sac_ae.TRAIN_FIELDS, "grad_norm"])
     before = folder_digest(out) if out.exists() else None
     assert exit_code(["--resume", str(out), *argv]) == 2
     assert needle in one_line_error(capsys)

@@ -103,11 +103,12 @@ class Actor(nn.Module):
         self.log_std_min, self.log_std_max = log_std_bounds
 
     def forward(self, h):  # (B, 39200) conv features -> mean, log_std, each (B, A)
-        mu, log_std = self.policy(self.head(h)).chunk(2, dim=-1)
+        z = self.head(h).float()
+        with torch.autocast(h.device.type, enabled=False):  # float32 under bf16: log-probabilities
+            mu, log_std = self.policy(z).chunk(2, dim=-1)
         # tanh, then affine onto [log_std_min, log_std_max]: a soft clamp (authors' code).
         lo, hi = self.log_std_min, self.log_std_max
-        log_std = lo + 0.5 * (hi - lo) * (log_std.tanh() + 1)
-        return mu.float(), log_std.float()  # float32 even under bf16: log-probabilities need it
+        return mu, lo + 0.5 * (hi - lo) * (log_std.tanh() + 1)
 
 
 def sample_action(mu, log_std):
@@ -135,9 +136,10 @@ class Critic(nn.Module):
         self.log_var = nn.Linear(repr_dim, feature_dim) if vae else None
 
     def forward(self, h, action, detach_z=False):  # (B, 39200), (B, A) -> (B, 1), (B, 1)
-        z = self.head(h)
-        za = torch.cat([z.detach() if detach_z else z, action], dim=-1)
-        return self.Q1(za), self.Q2(za)
+        z = self.head(h).float()
+        with torch.autocast(h.device.type, enabled=False):  # float32 under bf16: Q is in hundreds
+            za = torch.cat([z.detach() if detach_z else z, action], dim=-1)
+            return self.Q1(za), self.Q2(za)
 
 
 class Decoder(nn.Module):
@@ -239,7 +241,7 @@ class SACAE(nn.Module):
             update_step = compiled_step(self, parts)  # below the banner: same maths, faster
         else:
             update_step = functools.partial(self.update_step, **parts)
-        with self.autocast():  # --precision bf16; parameters, losses and Adam stay float32
+        with self.autocast():  # --precision bf16: convs in bf16; MLPs, losses, Adam in float32
             metrics = update_step(*batch)
         # .clone(): a 0-d loss may view its whole element-wise buffer (F.mse_loss on CPU).
         return {k: v.detach().clone() for k, v in metrics.items()}
@@ -271,8 +273,7 @@ class SACAE(nn.Module):
             target_q = reward + not_done * self.args.gamma * target_v
         # --ae-grad separate (Sec. 4.3): the critic reads a detached z; only the AE moves the convs.
         q1, q2 = self.critic(self.encoder(obs), action, detach_z=self.args.ae_grad == "separate")
-        # (.float(): under bf16 autocast, network outputs meet float32 targets in float32.)
-        loss = F.mse_loss(q1.float(), target_q) + F.mse_loss(q2.float(), target_q)
+        loss = F.mse_loss(q1, target_q) + F.mse_loss(q2, target_q)  # float32, as Q1, Q2 run
         self.critic_opt.zero_grad(set_to_none=True)
         loss.backward()
         self.critic_opt.step()
@@ -282,7 +283,7 @@ class SACAE(nn.Module):
         """J(pi), Eq. 2, on detached conv features; then alpha's step (Haarnoja et al., 2018b)."""
         pi, log_pi = sample_action(*self.actor(h))
         q1, q2 = self.critic(h, pi)
-        actor_loss = (self.alpha.detach() * log_pi - torch.min(q1, q2).float()).mean()
+        actor_loss = (self.alpha.detach() * log_pi - torch.min(q1, q2)).mean()
         self.actor_opt.zero_grad(set_to_none=True)
         actor_loss.backward(inputs=self.actor_params)  # no gradients computed for the critic
         self.actor_opt.step()
@@ -366,9 +367,9 @@ class SACAE(nn.Module):
         """The critic's z of one observation (the posterior mean with --decoder vae)."""
         return self.infer(obs, self.critic.head)[0].float().cpu().numpy()
 
-    def autocast(self):
-        bf16, cache = self.args.precision == "bf16", not self.cuda_graphs  # a graph has no cache
-        return torch.autocast(self.device.type, torch.bfloat16, enabled=bf16, cache_enabled=cache)
+    def autocast(self):  # no cache of bf16 weights: the optimizers step them inside the update
+        bf16 = self.args.precision == "bf16"
+        return torch.autocast(self.device.type, torch.bfloat16, enabled=bf16, cache_enabled=False)
 
     # ------------------------------------------------------------------------ bookkeeping
     @property
@@ -631,8 +632,7 @@ class State:
 
 
 def updates_due(agent_step, args):
-    """Updates run by the end of agent step t: a burst of --init-updates at --init-steps, then one
-    a step (authors' code)."""
+    """Updates due by agent step t: --init-updates at --init-steps, then one a step (authors')."""
     return 0 if agent_step < args.init_steps else args.init_updates + agent_step - args.init_steps
 
 
@@ -1171,7 +1171,7 @@ class CapturedStep:
     keeps its state in place (capturable Adam) and reads its arguments, copied into buffers of
     fixed address and layout (torch.compile's guards see the same inputs). The first calls warm
     up on a side stream, one records, later ones replay. Variants share `graphs`: a memory pool,
-    a capture stream, and whether a capture failed (then all run uncaptured)."""
+    a capture stream, and whether a capture failed (then those not yet captured never are)."""
 
     def __init__(self, fn, device, name, graphs, warmup=3):
         self.fn, self.device, self.name, self.graphs, self.warmup = fn, device, name, graphs, warmup
@@ -1399,7 +1399,7 @@ def build_parser():
     g.add_argument("--eval-freq", type=count, default=10_000, help="env steps between evaluations")
     g.add_argument("--eval-episodes", type=count, default=10, help="episodes per evaluation")
     g = p.add_argument_group("speed")
-    g.add_argument("--precision", default="fp32", choices=["fp32", "bf16"], help="bf16: autocast")
+    g.add_argument("--precision", default="fp32", choices=["fp32", "bf16"], help="bf16: convs")
     g.add_argument("--compile", action="store_true", help="torch.compile; on a GPU, CUDA graphs")
     g = p.add_argument_group("SAC")
     g.add_argument("--gamma", type=fraction, default=0.99, help="discount")

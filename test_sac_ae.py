@@ -790,12 +790,28 @@ def test_plain_layout_computes_the_same_update():
 
 def test_bf16_update_runs_and_keeps_parameters_float32():
     agent, args = make_agent("--precision", "bf16")
-    before = snapshot(agent.encoder.parameters())
-    metrics = agent.update(random_batch(agent, args), step=2)
+    before, batch = snapshot(agent.encoder.parameters()), random_batch(agent, args)
+    with agent.autocast():  # convs in bf16; the MLPs in float32, as a Q of 640 would round by 4
+        h = agent.encoder(agent.prepare(batch[0]))
+        outputs = [*agent.critic(h, batch[1]), *agent.actor(h)]
+    assert h.dtype == torch.bfloat16 and {t.dtype for t in outputs} == {torch.float32}
+    metrics = agent.update(batch, step=2)
     assert all(torch.isfinite(v) for v in metrics.values())
     assert not same(before, agent.encoder.parameters())
     assert all(p.dtype == torch.float32 for p in agent.parameters())
     assert all(s["exp_avg"].dtype == torch.float32 for s in agent.critic_opt.state.values())
+
+
+def test_bf16_actor_reads_the_convs_as_the_critic_step_left_them(monkeypatch):
+    # autocast may keep a bf16 copy of each weight while it is open; the optimizers step the
+    # weights inside the update, so a kept copy would feed the actor the convs of before.
+    agent, args = make_agent("--precision", "bf16")
+    batch, seen = random_batch(agent, args), []
+    monkeypatch.setattr(agent, "update_actor_and_alpha", lambda h: seen.append(h) or {})
+    monkeypatch.setattr(agent, "update_autoencoder", lambda pixels, h: {})
+    agent.update(batch, step=2)  # critic, then the actor's read, then the (unmoved) targets
+    with agent.autocast(), torch.no_grad():
+        assert torch.equal(seen[0], agent.encoder(agent.prepare(batch[0])))
 
 
 # ---------------------------------------------------------------------------- memory

@@ -241,7 +241,7 @@ class SACAE(nn.Module):
             update_step = compiled_step(self, parts)  # below the banner: same maths, faster
         else:
             update_step = functools.partial(self.update_step, **parts)
-        with self.autocast():  # --precision bf16: convs in bf16; MLPs, losses, Adam in float32
+        with self.autocast():  # --precision bf16: bf16 save the MLPs, losses and Adam (float32)
             metrics = update_step(*batch)
         # .clone(): a 0-d loss may view its whole element-wise buffer (F.mse_loss on CPU).
         return {k: v.detach().clone() for k, v in metrics.items()}
@@ -280,7 +280,7 @@ class SACAE(nn.Module):
         return {"critic_loss": loss, "q": q1.mean()}
 
     def update_actor_and_alpha(self, h):
-        """J(pi), Eq. 2, on detached conv features; then alpha's step (Haarnoja et al., 2018b)."""
+        """J(pi), Eq. 2, on detached conv features; then alpha's (SAC v2, arXiv 1812.05905)."""
         pi, log_pi = sample_action(*self.actor(h))
         q1, q2 = self.critic(h, pi)
         actor_loss = (self.alpha.detach() * log_pi - torch.min(q1, q2)).mean()
@@ -861,8 +861,7 @@ class Logs:
             self.csv[name] = csv.DictWriter(self.files[name], fields.get(name, TRAIN_FIELDS))
             if self.files[name].tell() == 0:
                 self.csv[name].writeheader()
-        # On resume, purge_step drops the events logged after the checkpoint, as the CSVs are cut.
-        purge = run.state.env_step + 1 if args.resume else None
+        purge = run.state.env_step + 1 if args.resume else None  # events after the checkpoint go
         self.tb = run.held.enter_context(SummaryWriter(self.path("tb"), purge_step=purge))
         task = f"{args.domain}-{args.task} seed {args.seed}, {args.obs}, decoder {args.decoder}"
         replay = f"replay {r.capacity:,} transitions, {r.nbytes / 2**30:.2f} GiB on {r.storage}"
@@ -995,6 +994,7 @@ def save_checkpoint(run):
     if not torch.stack([torch.isfinite(p).all() for p in run.agent.parameters()]).all():
         raise NonFiniteError(f"a parameter became NaN or inf by agent step {s.agent_step}")
     for file in run.logs.files.values():  # the rows it counts on disk before it
+        file.flush()
         os.fsync(file.fileno())
     csv_bytes = {name: file.tell() for name, file in run.logs.files.items()}
     chunks = checkpoints(args.out_dir, CHUNKS)
@@ -1399,7 +1399,7 @@ def build_parser():
     g.add_argument("--eval-freq", type=count, default=10_000, help="env steps between evaluations")
     g.add_argument("--eval-episodes", type=count, default=10, help="episodes per evaluation")
     g = p.add_argument_group("speed")
-    g.add_argument("--precision", default="fp32", choices=["fp32", "bf16"], help="bf16: convs")
+    g.add_argument("--precision", default="fp32", choices=["fp32", "bf16"], help="bf16: autocast")
     g.add_argument("--compile", action="store_true", help="torch.compile; on a GPU, CUDA graphs")
     g = p.add_argument_group("SAC")
     g.add_argument("--gamma", type=fraction, default=0.99, help="discount")

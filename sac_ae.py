@@ -64,9 +64,14 @@ def weight_init(m):
         nn.init.orthogonal_(m.weight.data[:, :, mid, mid], nn.init.calculate_gain("relu"))
 
 
-def mlp(in_dim, hidden_dim, out_dim):
-    layers = [nn.Linear(in_dim, hidden_dim), nn.ReLU(), nn.Linear(hidden_dim, hidden_dim)]
-    return nn.Sequential(*layers, nn.ReLU(), nn.Linear(hidden_dim, out_dim))
+class MLP(nn.Sequential):  # float32 even under bf16, which would round a Q in the hundreds by 2-4
+    def __init__(self, n_in, n_hidden, n_out):
+        super().__init__(nn.Linear(n_in, n_hidden), nn.ReLU(), nn.Linear(n_hidden, n_hidden))
+        self.extend([nn.ReLU(), nn.Linear(n_hidden, n_out)])
+
+    def forward(self, x):
+        with torch.autocast(x.device.type, enabled=False):
+            return super().forward(x.float())
 
 
 def latent_head(in_dim, feature_dim):
@@ -99,13 +104,11 @@ class Actor(nn.Module):
     def __init__(self, repr_dim, feature_dim, action_dim, hidden_dim, log_std_bounds, pixels=True):
         super().__init__()
         self.head = latent_head(repr_dim, feature_dim) if pixels else nn.Identity()
-        self.policy = mlp(feature_dim if pixels else repr_dim, hidden_dim, 2 * action_dim)
+        self.policy = MLP(feature_dim if pixels else repr_dim, hidden_dim, 2 * action_dim)
         self.log_std_min, self.log_std_max = log_std_bounds
 
     def forward(self, h):  # (B, 39200) conv features -> mean, log_std, each (B, A)
-        z = self.head(h).float()
-        with torch.autocast(h.device.type, enabled=False):  # float32 under bf16: log-probabilities
-            mu, log_std = self.policy(z).chunk(2, dim=-1)
+        mu, log_std = self.policy(self.head(h)).chunk(2, dim=-1)  # float32, as the MLPs run
         # tanh, then affine onto [log_std_min, log_std_max]: a soft clamp (authors' code).
         lo, hi = self.log_std_min, self.log_std_max
         return mu, lo + 0.5 * (hi - lo) * (log_std.tanh() + 1)
@@ -131,15 +134,14 @@ class Critic(nn.Module):
         super().__init__()
         self.head = latent_head(repr_dim, feature_dim) if pixels else nn.Identity()
         z_dim = feature_dim if pixels else repr_dim
-        self.Q1 = mlp(z_dim + action_dim, hidden_dim, 1)
-        self.Q2 = mlp(z_dim + action_dim, hidden_dim, 1)
+        self.Q1 = MLP(z_dim + action_dim, hidden_dim, 1)
+        self.Q2 = MLP(z_dim + action_dim, hidden_dim, 1)
         self.log_var = nn.Linear(repr_dim, feature_dim) if vae else None
 
     def forward(self, h, action, detach_z=False):  # (B, 39200), (B, A) -> (B, 1), (B, 1)
-        z = self.head(h).float()
-        with torch.autocast(h.device.type, enabled=False):  # float32 under bf16: Q is in hundreds
-            za = torch.cat([z.detach() if detach_z else z, action], dim=-1)
-            return self.Q1(za), self.Q2(za)
+        z = self.head(h)
+        za = torch.cat([z.detach() if detach_z else z, action], dim=-1)
+        return self.Q1(za), self.Q2(za)
 
 
 class Decoder(nn.Module):
@@ -1111,9 +1113,8 @@ def load_encoder(agent, path):
         agent.critic_target.head.load_state_dict(agent.critic.head.state_dict())
     except Exception as e:  # load_state_dict's lines after its first each name a difference
         why = (str(e).splitlines()[1:] or [repr(e)])[0].strip()
-        raise UsageError(
-            f"--load-encoder {path}: no encoder for this run in {file}: {why}"
-        ) from None
+        why = f"--load-encoder {path}: no encoder for this run in {file}: {why}"
+        raise UsageError(why) from None
 
 
 # ====================================================================== signals, console, progress
@@ -1282,9 +1283,8 @@ def read_eval_csv(path):
         columns = ("env_step", "episode_return_mean", "episode_return_std")
         table = np.array([[float(r[c]) for c in columns] for r in rows]).reshape(-1, 3)
     except (OSError, KeyError, TypeError, ValueError, UnicodeDecodeError, csv.Error) as e:
-        raise UsageError(
-            f"--plot {path}: no eval.csv of sac_ae.py ({type(e).__name__}: {e})"
-        ) from None
+        why = f"--plot {path}: no eval.csv of sac_ae.py ({type(e).__name__}: {e})"
+        raise UsageError(why) from None
     if not len(table):
         raise UsageError(f"--plot {path}: no evaluation rows yet")
     return table.T

@@ -792,12 +792,12 @@ def test_bf16_update_runs_and_keeps_parameters_float32():
     agent, args = make_agent("--precision", "bf16")
     before, batch = snapshot(agent.encoder.parameters()), random_batch(agent, args)
     seen = []  # what the Q and policy MLPs compute in: float32, as a Q of 640 would round by 4
-    for mlp in (agent.critic.Q1, agent.critic.Q2, agent.actor.policy):
-        mlp.register_forward_hook(lambda _, inputs, out: seen.extend([inputs[0].dtype, out.dtype]))
+    for m in [*agent.critic.Q1, *agent.critic.Q2, *agent.actor.policy]:  # 15 layers
+        m.register_forward_hook(lambda _, inputs, out: seen.extend([inputs[0].dtype, out.dtype]))
     with agent.autocast():
         h = agent.encoder(agent.prepare(batch[0]))
         agent.critic(h, batch[1]), agent.actor(h)
-    assert h.dtype == torch.bfloat16 and set(seen) == {torch.float32} and len(seen) == 6
+    assert h.dtype == torch.bfloat16 and set(seen) == {torch.float32} and len(seen) == 30
     metrics = agent.update(batch, step=2)
     assert all(torch.isfinite(v) for v in metrics.values())
     assert not same(before, agent.encoder.parameters())

@@ -330,6 +330,27 @@ def test_episode_lasts_1000_environment_steps_in_agent_steps():
     assert discount == 1.0  # a time limit, not a terminal: the critic bootstraps through it
 
 
+def test_a_true_terminal_stops_the_repeat_with_discount_0():
+    # DMC's episodes end by time limit (discount 1, above); a task that terminates (dm_control's
+    # lqr can) gives discount 0, the not-done the critic stops bootstrapping at.
+    import dm_env
+
+    env = sac_ae.DMCEnv("cartpole", "swingup", seed=0, obs="state", action_repeat=8)
+    env.reset()
+    real, calls = env.env.step, []
+
+    def step(action):  # the 3rd physics step of the repeat is a terminal
+        calls.append(action)
+        time_step = real(action)
+        if len(calls) == 3:
+            return time_step._replace(step_type=dm_env.StepType.LAST, discount=0.0)
+        return time_step
+
+    env.env.step = step
+    _, _, discount, done, steps = env.step(np.zeros(env.action_dim))
+    assert (discount, done, steps, len(calls)) == (0.0, True, 3, 3)
+
+
 def test_agent_steps_count_an_episodes_short_last_step():
     for repeat in (3, 8):
         env = sac_ae.DMCEnv("cartpole", "swingup", seed=0, obs="state", action_repeat=repeat)
@@ -395,17 +416,23 @@ def scripted_episodes(lengths, frame_stack, channels=1, size=2):
 
 def test_replay_buffer_matches_naive_buffer_across_episodes_and_wraparound():
     buffer = replay((1, 2, 2), torch.uint8, capacity=20, episode_length=5)
-    naive = []
+    naive, first = [], {}  # the transitions; the write of each one's episode start, by slot
     lengths = [1, 5, 2, 7, 3, 1, 6, 4, 5, 2, 9, 1]  # > capacity in total: the ring wraps twice
     for kind, item in scripted_episodes(lengths, 3):
         if kind == "first":
+            start = buffer.t
             buffer.add_first(item)
         else:
+            first[buffer.t] = start
             buffer.add(item[1], item[2], item[4], item[3])
             naive.append(item)
+        oldest = max(0, buffer.t - buffer.size)
+        valid = [t for t in range(oldest, buffer.t) if buffer._valid(np.array([t]))[0]]
+        # By hand, after every write: a transition is valid while the newest `size` writes hold
+        # all its frames, the newest k + 1 of its episode.
+        assert valid == [t for t, s in first.items() if max(s, t - 3) >= oldest], buffer.t
     assert buffer.t > 2 * buffer.size
     by_id = {int(a[0]): (o, a, r, n, d) for o, a, r, n, d in naive}
-    valid = [t for t in range(buffer.t - buffer.size, buffer.t) if buffer._valid(np.array([t]))[0]]
     obs, action, reward, next_obs, not_done = buffer.get(np.array(valid))
     ids = action[:, 0].int().tolist()
     assert set(ids) >= {int(a[0]) for _, a, _, _, _ in naive[-20:]}  # the newest at least
@@ -414,8 +441,8 @@ def test_replay_buffer_matches_naive_buffer_across_episodes_and_wraparound():
         assert np.array_equal(obs[j].numpy(), o), f"obs of transition {i}"
         assert np.array_equal(next_obs[j].numpy(), n), f"next_obs of transition {i}"
         assert reward[j, 0].item() == pytest.approx(r) and not_done[j, 0].item() == d
-    sampled = buffer.sample(256)[1][:, 0].int().tolist()
-    assert set(sampled) <= set(ids) and len(set(sampled)) > len(ids) // 2
+    sampled = buffer.sample(4096)[1][:, 0].int().tolist()  # 4096 draws: each of ~20 is drawn
+    assert set(sampled) == set(ids)  # the newest and the oldest too, nothing else
 
 
 def test_replay_buffer_rebuilds_real_environment_stacks():
@@ -456,11 +483,13 @@ def test_replay_kept_apart_from_the_training_device_gathers_there_and_copies_the
     assert sized.frames.device.type == "meta" and sized.age.nbytes == 4 * sized.size
 
 
-def test_an_empty_replay_buffer_refuses_to_sample():
+def test_replay_refuses_to_sample_before_its_first_transition_then_samples_it():
     buffer = replay((1, 2, 2), torch.uint8, 20, 5)
     buffer.add_first(np.zeros((3, 2, 2), np.uint8))
     with pytest.raises(RuntimeError, match="no transition yet"):
         buffer.sample(4)
+    buffer.add(np.array([7.0], np.float32), 0.5, 1.0, np.ones((3, 2, 2), np.uint8))
+    assert buffer.sample(4)[1][:, 0].tolist() == [7.0] * 4  # --init-steps 1: the newest is drawn
 
 
 # ---------------------------------------------------------------------------- networks
@@ -488,6 +517,46 @@ def test_actor_and_critic_read_one_encoder_each_with_its_own_head():
     assert agent.encoder_target is not agent.encoder
     opt_params = {id(p) for p in agent.actor_opt.param_groups[0]["params"]}
     assert opt_params == {id(p) for p in agent.actor.parameters()}  # never the encoder
+
+
+def test_weights_start_orthogonal_and_conv_kernels_at_their_centre_tap():
+    # The authors' weight_init: orthogonal Linear weights, zero biases; conv kernels zero but the
+    # centre tap, orthogonal with ReLU's gain sqrt(2). Each latent head: Linear-LayerNorm-tanh.
+    agent, _ = make_agent("--decoder", "vae")
+    nn = torch.nn
+    for head in (agent.actor.head, agent.critic.head):
+        assert [type(m) for m in head] == [nn.Linear, nn.LayerNorm, nn.Tanh]
+
+    def gram(w, gain):  # w w^T on the side where the rows are orthonormal, over gain^2
+        w = w.detach().double()
+        g = w @ w.T if w.shape[0] <= w.shape[1] else w.T @ w
+        return g / gain**2
+
+    linears = [m for m in agent.modules() if isinstance(m, nn.Linear)]
+    convs = [m for m in agent.modules() if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d))]
+    # Critic and its target: head, Q1, Q2, log_var (8 each); actor 4, decoder 1; 4 convs in the
+    # encoder, its target and the decoder.
+    assert len(linears) == 2 * 8 + 4 + 1 and len(convs) == 3 * 4
+    for m in linears + convs:
+        linear = isinstance(m, nn.Linear)
+        w = m.weight if linear else m.weight[:, :, 1, 1]
+        eye = torch.eye(min(w.shape), dtype=torch.float64)
+        assert torch.allclose(gram(w, 1 if linear else 2**0.5), eye, atol=1e-5), m
+        assert not m.bias.any() and m.weight.count_nonzero() == w.count_nonzero()  # off-centre: 0
+
+
+def test_targets_and_autoencoder_move_on_the_steps_their_flags_name():
+    # The defaults (2, 2, 1) hide which flag gates which part: here they are 2, 3 and 4.
+    flags = ["--actor-update-freq", "2", "--target-update-freq", "3", "--ae-update-freq", "4"]
+    agent, args = make_agent(*flags)
+    parts = {2: agent.actor.parameters, 4: agent.decoder.parameters}
+    parts[3] = lambda: [*agent.encoder_target.parameters(), *agent.critic_target.parameters()]
+    for step in range(1, 13):
+        before = {n: snapshot(params()) for n, params in parts.items()}
+        metrics = agent.update(random_batch(agent, args, seed=step), step)
+        moved = {n for n, params in parts.items() if not same(before[n], params())}
+        assert moved == {n for n in parts if step % n == 0}, step
+        assert ("actor_loss" in metrics, "ae_loss" in metrics) == (step % 2 == 0, step % 4 == 0)
 
 
 # ---------------------------------------------------------------------------- gradient routing
@@ -880,6 +949,32 @@ def test_updates_due_are_the_burst_at_init_steps_then_one_per_agent_step():
     assert [sac_ae.updates_due(step, args) for step in range(15)] == by_hand
 
 
+def test_init_steps_count_agent_steps_of_random_actions_and_evaluation_is_deterministic(
+    tmp_path, monkeypatch
+):
+    calls, act = collections.Counter(), sac_ae.SACAE.act
+
+    def counted(self, obs, deterministic=False):
+        calls[deterministic] += 1
+        return act(self, obs, deterministic)
+
+    monkeypatch.setattr(sac_ae.SACAE, "act", counted)
+    tiny_run(tmp_path / "run", obs="state")  # 75 agent steps of 8 env steps, --init-steps 30
+    assert calls == {False: 75 - 30, True: 3 * 125}  # 3 evaluations of a 125-step episode
+
+
+def test_the_evaluation_environment_is_seeded_apart_from_the_training_one(tmp_path):
+    args = sac_ae.parse_args([*STATE_RUN, "--out-dir", str(tmp_path / "run")])
+
+    def first_state(seed):
+        return sac_ae.DMCEnv("cartpole", "swingup", seed, obs="state", frame_stack=1).reset()
+
+    with sac_ae.Run(args) as run:  # seed 2: the training env's 2, evaluation's 10002
+        assert np.array_equal(run.obs, first_state(2))
+        assert np.array_equal(run.eval_env.reset(), first_state(2 + sac_ae.EVAL_SEED_OFFSET))
+        assert not np.array_equal(run.obs, first_state(2 + sac_ae.EVAL_SEED_OFFSET))
+
+
 # ---------------------------------------------------------------------------- command line
 @pytest.mark.parametrize(
     "argv,needle",
@@ -1015,7 +1110,11 @@ def test_pixel_run_writes_its_run_folder(reference_run):
     assert recon == ["eval_0.png", "eval_400.png", "eval_600.png"]
     import imageio.v2 as imageio
 
-    assert imageio.imread(reference_run / "recon" / "eval_400.png").shape == (2 * 32, 3 * 32, 3)
+    for name in recon:  # the stacked frames above: 10 steps into an episode, three different
+        picture = imageio.imread(reference_run / "recon" / name)
+        assert picture.shape == (2 * 32, 3 * 32, 3)
+        frames = [picture[:32, 32 * j : 32 * (j + 1)] for j in range(3)]
+        assert not any(np.array_equal(a, b) for a, b in zip(frames, frames[1:])), name
     assert {"probe_r2", "probe_r2_position", "probe_r2_velocity"} <= set(evals[0])
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -1252,6 +1351,27 @@ def test_a_lost_newest_replay_chunk_points_to_the_checkpoint_before_it(
 
 
 @slow
+def test_a_wrapped_ring_keeps_the_chunks_its_kept_checkpoints_need(tmp_path, capsys):
+    # --buffer-size 20 of 75 agent steps: the ring (23 slots) wraps between the checkpoints, every
+    # 100 env steps (the first agent step past each); --keep-checkpoints 2 keeps the last three.
+    a = tiny_run(tmp_path / "a", "--buffer-size", "20", "--keep-checkpoints", "2",
+                 obs="state", checkpoint_freq=100)  # fmt: skip
+    found, chunks = sac_ae.checkpoints(a), sac_ae.checkpoints(a, sac_ae.CHUNKS)
+    assert [step for step, _, _ in found] == [400, 504, 600]
+    need = found[0][1] - 23  # the oldest slot that the oldest kept checkpoint's ring holds
+    assert chunks[0][0] <= need < chunks[0][1]  # the chunks before it are gone, not this one
+    b = shutil.copytree(a, tmp_path / "b")
+    names = [os.path.basename(path) for _, _, path in found]
+    (b / "checkpoints" / names[2]).write_bytes(b"")  # the newest damaged: the next is offered
+    before = folder_digest(b)
+    assert exit_code(["--resume", str(b)]) == 2 and folder_digest(b) == before
+    assert f"move it aside to resume from {names[1]}" in one_line_error(capsys)
+    for name in names[1:]:  # moved aside: the oldest resumes to the same files as one run
+        (b / "checkpoints" / name).unlink()
+    assert_same_run(a, resume(b))
+
+
+@slow
 @pytest.mark.parametrize("setup,argv,needle", [
     ("missing", [], "is no folder"),
     ("empty", [], "has no config.json"),
@@ -1410,6 +1530,29 @@ def test_a_closed_console_leaves_the_run_going_and_its_folder_whole(tmp_path, st
     assert_same_run(out, state_reference)
 
 
+def physics_error(text):
+    from dm_control.rl.control import PhysicsError
+
+    return PhysicsError(text)
+
+
+@pytest.mark.parametrize("fault,code,needle", [
+    (KeyboardInterrupt(), 130, "interrupted; nothing was written"),
+    (OSError(28, "No space left on device", "f"), 1, "writing f failed: No space left on device; "
+     "free some space; nothing was written"),
+    (OSError(30, "Read-only file system", "f"), 1, "; make the disk writable;"),
+    (OSError(13, "Permission denied", "f"), 1, "; fix the permissions;"),
+    (OSError(5, "Input/output error", "f"), 1, "; fix that;"),
+    (MemoryError(), 1, "out of memory"),
+    (physics_error("Physics state is invalid"), 1, "the simulation became unstable (Physics"),
+    (ValueError("a bug"), None, None),  # not a fault: main() re-raises it, with its traceback
+])  # fmt: skip
+def test_each_fault_outside_a_run_has_its_line_and_exit_status(fault, code, needle):
+    line, got = sac_ae.explain(fault, None)
+    assert got == code and (line is None) == (needle is None)
+    assert needle is None or needle in line, line
+
+
 def test_a_full_disk_while_model_pt_is_written_says_resume_writes_it_again(tmp_path):
     (tmp_path / "checkpoints").mkdir()
     (tmp_path / "checkpoints" / "ckpt_0000000600_000000000075.pt").write_bytes(b"")
@@ -1524,6 +1667,20 @@ def test_vae_reconstructs_a_sampled_latent_while_rl_heads_read_the_mean():
     assert not torch.equal(log_var_before, agent.critic.log_var.weight)
     recon, kl = metrics["recon_loss"].item(), metrics["kl"].item()
     assert metrics["ae_loss"].item() == pytest.approx(recon + 0.5 * kl, rel=1e-5)
+
+
+def test_vae_decoder_reads_the_mean_plus_noise_times_the_posterior_std(monkeypatch):
+    # Eq. 4's reparameterisation: z + eps * exp(log_var / 2), std not variance.
+    agent, args = make_agent("--decoder", "vae", action_dim=1)
+    torch.nn.init.constant_(agent.critic.log_var.bias, 1.0)  # exp(1/2) is far from exp(1)
+    obs = random_batch(agent, args)[0]
+    h = features(agent, obs)
+    z, log_var = agent.critic.head(h).detach(), agent.critic.log_var(h).detach()
+    seen = []
+    agent.decoder.register_forward_pre_hook(lambda _, inputs: seen.append(inputs[0].detach()))
+    monkeypatch.setattr(torch, "randn_like", lambda t: torch.full_like(t, 0.5))  # eps = 0.5
+    agent.update_autoencoder(obs, h)
+    assert torch.allclose(seen[0], z + 0.5 * (0.5 * log_var).exp())
 
 
 def test_separate_ae_grad_critic_leaves_encoder_and_decoder_moves_it():

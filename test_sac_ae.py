@@ -185,6 +185,14 @@ def assert_same_run(a, b):
     assert_same_weights(a, b)
 
 
+def tensorboard_steps(run_dir):
+    """The steps of each TensorBoard scalar, as TensorBoard shows them (purged events gone)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    tb = EventAccumulator(str(run_dir / "tb")).Reload()
+    return {tag: [e.step for e in tb.Scalars(tag)] for tag in tb.Tags()["scalars"]}
+
+
 def folder_digest(path):
     files = sorted(p for p in path.rglob("*") if p.is_file())
     return {str(p.relative_to(path)): hashlib.sha256(p.read_bytes()).hexdigest() for p in files}
@@ -259,6 +267,10 @@ def test_every_paper_hyperparameter_is_the_default_readme_states():
     for name, value in paper.items():
         assert float(stated[name]) == value, f"README states --{name} {stated[name]}"
         assert getattr(args, name) == value, f"--{name} defaults to {getattr(args, name)}"
+    # Resolved from others: a checkpoint at each evaluation, a burst as long as --init-steps.
+    assert (args.checkpoint_freq, args.init_updates) == (10_000, 1000)
+    edge = sac_ae.parse_args(["--gamma", "0", "--critic-tau", "0", "--actor-beta", "0"])
+    assert (edge.gamma, edge.critic_tau, edge.actor_beta) == (0, 0, 0)  # in range, if odd
 
 
 def test_agent_uses_the_stated_optimizers_temperature_and_target_entropy():
@@ -939,6 +951,27 @@ def test_episode_metrics_name_the_first_non_finite_loss_and_its_step():
     assert restored.steps == [0, 1, 2, 3, 4] and restored.present[1] == ("critic_loss", "q")
 
 
+def test_episode_metrics_average_each_metric_over_the_updates_that_made_it():
+    # 150 updates (the table starts at 64 rows and doubles), the actor's every 2nd: each mean is
+    # numpy's over the rows that hold that metric, after a checkpoint's round trip too.
+    kept, rng = sac_ae.EpisodeMetrics(torch.device("cpu")), np.random.default_rng(0)
+    values = rng.normal(size=(150, 2)).astype(np.float32)
+    for step, (critic, actor) in enumerate(values):
+        metrics = {"critic_loss": torch.tensor(critic)}
+        if step % 2 == 0:
+            metrics["actor_loss"] = torch.tensor(actor)
+        kept.add(step, metrics)
+    expected = {"critic_loss": values[:, 0].mean(), "actor_loss": values[::2, 1].mean()}
+    restored = sac_ae.EpisodeMetrics(torch.device("cpu"))
+    restored.load_state_dict(kept.state_dict())
+    for means in (kept.means(), restored.means()):
+        assert means.keys() == expected.keys()
+        assert all(means[k] == pytest.approx(v, abs=1e-6) for k, v in expected.items())
+    kept.table[3, 0] = float("nan")  # an early row is still seen after the table grew
+    with pytest.raises(sac_ae.NonFiniteError, match="critic_loss became nan at agent step 3"):
+        kept.means()
+
+
 # ---------------------------------------------------------------------------- the schedule
 def test_updates_due_are_the_burst_at_init_steps_then_one_per_agent_step():
     args = sac_ae.parse_args(["--init-steps", "10", "--init-updates", "3"])
@@ -961,6 +994,29 @@ def test_init_steps_count_agent_steps_of_random_actions_and_evaluation_is_determ
     monkeypatch.setattr(sac_ae.SACAE, "act", counted)
     tiny_run(tmp_path / "run", obs="state")  # 75 agent steps of 8 env steps, --init-steps 30
     assert calls == {False: 75 - 30, True: 3 * 125}  # 3 evaluations of a 125-step episode
+
+
+def test_each_episode_row_holds_its_own_1000_steps_and_updates(tmp_path, monkeypatch):
+    counted, log_episode = [], sac_ae.Run.log_episode
+
+    def counting(run):  # the updates that the row's means are over
+        counted.append(len(run.metrics.steps))
+        log_episode(run)
+
+    monkeypatch.setattr(sac_ae.Run, "log_episode", counting)
+    rows = read_csv(tiny_run(tmp_path / "run", obs="state", total_steps=2000) / "train.csv")
+    assert [int(r["episode_length"]) for r in rows] == [1000, 1000]  # no row of 0 steps after
+    updates = [int(r["updates"]) for r in rows]
+    assert counted == [updates[0], updates[1] - updates[0]] == [30 + 94, 125]  # burst of 30
+
+
+def test_run_label_names_the_mode_from_config_json(tmp_path):
+    modes = [("pixel", "pixels", "SAC+AE"), ("none", "pixels", "SAC:pixel"),
+             ("vae", "pixels", "SAC+VAE"), ("none", "state", "SAC:state")]  # fmt: skip
+    for decoder, obs, mode in modes:
+        config = dict(domain="walker", task="walk", decoder=decoder, obs=obs)
+        (tmp_path / "config.json").write_text(json.dumps(config))
+        assert sac_ae.run_label(str(tmp_path / "eval.csv")) == f"walker-walk, {mode}"
 
 
 def test_the_evaluation_environment_is_seeded_apart_from_the_training_one(tmp_path):
@@ -988,12 +1044,14 @@ def test_the_evaluation_environment_is_seeded_apart_from_the_training_one(tmp_pa
         (["--critic-beta", "1"], "--critic-beta: must be a number in [0, 1), as Adam needs"),
         (["--alpha-beta", "1.0"], "--alpha-beta"),
         (["--seed", "-1"], "--seed"),
+        (["--seed", "4294957296"], "--seed: must be an integer in [0, 2^32 - 10001]"),
         (["--ae-bits", "9"], "--ae-bits"),
         (["--freeze-encoder"], "--freeze-encoder needs --load-encoder"),
         (["--resume", "runs/x", "--benchmark"], "--benchmark cannot be given with --resume"),
         (["--resume", ""], "--resume is empty"),
         (["--decoder", "none", "--ae-grad", "separate"], "--ae-grad separate"),
         (["--actor-log-std-min", "nan"], "--actor-log-std-min"),
+        (["--actor-log-std-max", "inf"], "--actor-log-std-max: must be a finite number"),
         (["--actor-log-std-min", "3"], "--actor-log-std-min is not below"),
         (["--init-temperature", "inf"], "--init-temperature"),
         (["--critic-lr", "nan"], "--critic-lr"),
@@ -1119,7 +1177,8 @@ def test_pixel_run_writes_its_run_folder(reference_run):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     tb = EventAccumulator(str(reference_run / "tb")).Reload()
-    tags = {"charts/episodic_return", "losses/qf_loss", "losses/ae_loss", "eval/return"}
+    tags = {"charts/episodic_return", "charts/SPS", "losses/qf_loss", "losses/actor_loss",
+            "losses/ae_loss", "eval/return", "eval/probe_r2"}  # fmt: skip
     assert tags <= set(tb.Tags()["scalars"]) and tb.Tags()["images"] == ["eval/reconstruction"]
     assert [e.step for e in tb.Scalars("eval/return")] == [0, 400, 600]
 
@@ -1226,6 +1285,8 @@ def test_sigkill_while_a_checkpoint_is_written_then_resume_equals_uninterrupted_
     assert [step for step, _, _ in sac_ae.checkpoints(str(out))] == [200]
     assert len(sac_ae.checkpoints(str(out), sac_ae.CHUNKS)) == 2  # the second chunk is 400's
     assert_same_run(resume(out), state_reference)
+    # The killed process's events after step 200 are purged: each point once, as in one run.
+    assert tensorboard_steps(out) == tensorboard_steps(state_reference)
 
 
 @slow
@@ -1237,6 +1298,7 @@ def test_sigint_writes_a_checkpoint_and_the_run_resumes_identically(
     assert f"resume with: python {sys.argv[0]} --resume {out}" in capsys.readouterr().out
     monkeypatch.undo()
     assert_same_run(resume(out), state_reference)
+    assert tensorboard_steps(out) == tensorboard_steps(state_reference)  # 400's kept
 
 
 @slow
@@ -1772,6 +1834,8 @@ def test_benchmark_prints_the_final_line(capsys):
         "ms_per_update", "updates_per_s", "env_steps_per_s", "replay_bytes_per_transition",
         "device", "precision"]  # fmt: skip
     assert float(fields["ms_per_update"]) > 0 and float(fields["env_steps_per_s"]) > 0
+    ms, per_s = float(fields["ms_per_update"]), float(fields["updates_per_s"])
+    assert per_s == pytest.approx(1000 / ms, rel=1e-3)
     assert int(fields["replay_bytes_per_transition"]) > 3 * 32 * 32
     assert (fields["device"], fields["precision"]) == ("cpu", "fp32")
 

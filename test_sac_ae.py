@@ -1250,7 +1250,7 @@ def test_plot_refuses_other_flags_an_empty_csv_and_titles_by_folder_without_conf
         capsys
     )
     csv_path.write_text("env_step,episode_return_mean,episode_return_std\n0,1,0\n10,5,1\n")
-    for extra in (["--benchmark"], ["--resume", "runs/x"], ["--total-steps", "5"]):
+    for extra in (["--benchmark"], ["--resume", "runs/x"], ["--total-steps", "5"], ["--seed", "2"]):
         assert exit_code(["--plot", str(csv_path), *extra]) == 2
         assert "no effect: --plot only draws" in one_line_error(capsys)
     (tmp_path / "config.json").write_text("{bad")

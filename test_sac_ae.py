@@ -18,6 +18,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import types
 import warnings
 
 import numpy as np
@@ -1008,6 +1009,61 @@ def test_each_episode_row_holds_its_own_1000_steps_and_updates(tmp_path, monkeyp
     assert [int(r["episode_length"]) for r in rows] == [1000, 1000]  # no row of 0 steps after
     updates = [int(r["updates"]) for r in rows]
     assert counted == [updates[0], updates[1] - updates[0]] == [30 + 94, 125]  # burst of 30
+
+
+def test_each_row_is_on_disk_when_its_console_line_is_printed(tmp_path, monkeypatch):
+    on_disk, say = collections.defaultdict(list), sac_ae.say
+
+    def reading(line):  # the console line comes right after its row
+        for tag, name in (("[train]", "train.csv"), ("[eval]", "eval.csv")):
+            if line.startswith(tag):
+                on_disk[name].append(len(read_csv(tmp_path / "run" / name)))
+        say(line)
+
+    monkeypatch.setattr(sac_ae, "say", reading)
+    tiny_run(tmp_path / "run", obs="state", total_steps=2000, eval_freq=1000)
+    assert on_disk == {"eval.csv": [1, 2, 3], "train.csv": [1, 2]}
+
+
+@slow
+def test_fps_counts_this_process_and_wall_time_carries_across_a_resume(tmp_path, monkeypatch):
+    """On a clock that ticks 1 s a training agent step (8 env steps) and 100 s an evaluation."""
+    now, ticking, stops = [0.0], [True], [188]  # SIGINT at agent step 188: env step 1504
+    step, evaluate = sac_ae.DMCEnv.step, sac_ae.evaluate
+
+    def clock():
+        return now[0]
+
+    def ticking_step(env, action):
+        now[0] += ticking[0]
+        stops[0] -= ticking[0]
+        if stops[0] == 0:
+            os.kill(os.getpid(), signal.SIGINT)
+        return step(env, action)
+
+    def timed_evaluate(*a, **k):
+        ticking[0], now[0] = False, now[0] + 100
+        try:
+            return evaluate(*a, **k)
+        finally:
+            ticking[0] = True
+
+    fake = types.SimpleNamespace(time=clock, perf_counter=clock, strftime=sac_ae.time.strftime)
+    monkeypatch.setattr(sac_ae, "time", fake)
+    monkeypatch.setattr(sac_ae.DMCEnv, "step", ticking_step)
+    monkeypatch.setattr(sac_ae, "evaluate", timed_evaluate)
+    out = tiny_run(tmp_path / "run", obs="state", total_steps=3000, eval_freq=2000, code=130)
+    now[0] += 1e4  # the pause before the resume counts in neither
+    resume(out)
+    rows = [
+        [float(r[k]) for k in ("env_step", "fps", "wall_time")] for r in read_csv(out / "train.csv")
+    ]
+    # Episode 1 (env steps 1000-2000), resumed at 1504: 496 steps in 62 s of this process, and
+    # the 288 s before its checkpoint. The evaluation at 2000 falls in episode 2's time.
+    expected = [[1000, 1000 / 225, 225], [2000, 496 / 62, 350], [3000, 1000 / 225, 575]]
+    np.testing.assert_allclose(rows, expected, rtol=1e-5)  # as train.csv writes them: 6 digits
+    evals = [float(r["wall_time"]) for r in read_csv(out / "eval.csv")]
+    assert evals == [100, 450, 675]  # each evaluation's 100 s in its own row
 
 
 def test_run_label_names_the_mode_from_config_json(tmp_path):

@@ -1297,6 +1297,40 @@ def test_plot_draws_one_figure_of_several_runs_in_their_common_folder(tmp_path, 
     assert sac_ae.run_label(str(tmp_path / "s1" / "eval.csv")) == "cartpole-swingup, SAC+AE"
 
 
+def test_plot_draws_the_mean_a_band_of_the_spread_and_the_published_points(tmp_path, monkeypatch):
+    import matplotlib.axes
+
+    drawn, axes = [], matplotlib.axes.Axes
+
+    def recorded(draw):
+        @functools.wraps(draw)
+        def recording(ax, *a, **k):
+            drawn.append(a)
+            return draw(ax, *a, **k)
+
+        return recording
+
+    monkeypatch.setattr(axes, "plot", recorded(axes.plot))
+    monkeypatch.setattr(axes, "fill_between", recorded(axes.fill_between))
+    config = json.dumps(dict(domain="cheetah", task="run", obs="pixels", decoder="pixel"))
+    runs = {"s1": "0,10,2\n100000,300,4\n", "s2": "0,20,6\n50000,1,1\n100000,500,8\n"}
+    for seed, rows in runs.items():  # s2's evaluation at 50000 is not in s1: left out
+        (tmp_path / seed).mkdir()
+        (tmp_path / seed / "config.json").write_text(config)
+        header = "env_step,episode_return_mean,episode_return_std\n"
+        (tmp_path / seed / "eval.csv").write_text(header + rows)
+    for seeds, mean, low, high in [
+        (["s1", "s2"], [15, 400], [10, 300], [20, 500]),  # the std across the runs
+        (["s1"], [10, 300], [8, 296], [12, 304]),  # one run: the std across its episodes
+    ]:
+        drawn.clear()
+        assert exit_code(["--plot", *(str(tmp_path / s / "eval.csv") for s in seeds)]) is None
+        (x, y, _), (bx, blow, bhigh), (px, py, _) = drawn
+        assert list(x) == list(bx) == [0, 100000] and list(y) == mean
+        assert list(blow) == low and list(bhigh) == high
+        assert (list(px), list(py)) == ([1e5, 5e5, 1e5, 5e5], [240, 544, 267, 550])  # DrQ, CURL
+
+
 def test_plot_refuses_other_flags_an_empty_csv_and_titles_by_folder_without_config(
     tmp_path, capsys
 ):

@@ -1432,6 +1432,22 @@ def test_resume_of_a_finished_run_writes_model_pt_again(tmp_path, reference_run)
     assert_same_run(resume(out), reference_run)
 
 
+@slow
+def test_a_checkpoint_of_capturable_adam_resumes_here_as_this_run_needs(tmp_path, state_reference):
+    out = tiny_run(tmp_path / "run", total_steps=400, obs="state")
+    path = sac_ae.checkpoints(str(out))[-1][2]
+    payload = torch.load(path, weights_only=False)
+    for state in payload["optimizers"].values():  # as a run with CUDA graphs writes them
+        for group in state["param_groups"]:
+            group["capturable"] = True
+    torch.save(payload, path)
+    resume(out, "--total-steps", "600")
+    payload = torch.load(sac_ae.checkpoints(str(out))[-1][2], weights_only=False)
+    groups = [g for state in payload["optimizers"].values() for g in state["param_groups"]]
+    assert len(groups) == 3 and not any(g["capturable"] for g in groups)  # critic, actor, alpha
+    assert_same_run(out, state_reference)
+
+
 def damaged_resume_is_refused(tmp_path, reference_run, capsys, damage, which=-1):
     """Damage a checkpoint file of a copy of the reference run, resume: the one-line refusal,
     the folder unchanged."""
@@ -1764,6 +1780,22 @@ def test_nan_loss_stops_the_run_naming_loss_and_step_and_keeps_last_good_checkpo
     payload = torch.load(found[-1][2], weights_only=False)
     assert all(torch.isfinite(v).all() for v in payload["agent"].values())
     assert not (tmp_path / "run" / "model.pt").exists()
+
+
+def test_a_non_finite_parameter_is_never_checkpointed(tmp_path, monkeypatch, capsys):
+    save, saved = sac_ae.save_checkpoint, []
+
+    def poisoning(run):  # before the second checkpoint, one number of the largest parameter
+        saved.append(run.state.env_step)
+        if len(saved) == 2:
+            with torch.no_grad():
+                max(run.agent.parameters(), key=torch.numel).view(-1)[0] = float("inf")
+        return save(run)
+
+    monkeypatch.setattr(sac_ae, "save_checkpoint", poisoning)
+    out = tiny_run(tmp_path / "run", obs="state", code=1)
+    assert "a parameter became NaN or inf by agent step 50;" in one_line_error(capsys)
+    assert [step for step, _, _ in sac_ae.checkpoints(str(out))] == [200]
 
 
 @slow

@@ -1123,7 +1123,13 @@ def test_the_evaluation_environment_is_seeded_apart_from_the_training_one(tmp_pa
         else []
     ),
 )
-def test_bad_input_is_one_line_exit_2_and_writes_nothing(tmp_path, capsys, argv, needle):
+def test_bad_input_is_one_line_exit_2_and_writes_nothing(
+    tmp_path, capsys, monkeypatch, argv, needle
+):
+    def accepted(*a):  # a run that starts after all: fail now, not after a whole default run
+        raise AssertionError(f"{argv} was accepted")
+
+    monkeypatch.setattr(sac_ae.DMCEnv, "step", accepted)
     out = tmp_path / "never"
     modes = {"--resume", "--plot"} & set(argv)  # these refuse an --out-dir first
     assert exit_code(argv if modes else [*argv, "--out-dir", str(out)]) == 2
@@ -1575,6 +1581,17 @@ def test_bad_resume_is_one_line_exit_2_and_changes_nothing(
     assert exit_code(["--resume", str(out), *argv]) == 2
     assert needle in one_line_error(capsys)
     assert (folder_digest(out) if out.exists() else None) == before
+
+
+@slow
+def test_a_run_folder_on_a_read_only_disk_is_refused_on_resume(tmpfs, state_reference, capsys):
+    disk = tmpfs("size=16m")
+    shutil.copytree(state_reference, disk / "run")
+    subprocess.run(["mount", "-o", "remount,ro", str(disk)], check=True, capture_output=True)
+    before = folder_digest(disk / "run")
+    assert exit_code(["--resume", str(disk / "run"), "--total-steps", "608"]) == 2
+    assert f"--resume {disk / 'run'} is read-only" in one_line_error(capsys)
+    assert folder_digest(disk / "run") == before
 
 
 @slow

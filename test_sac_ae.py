@@ -1957,7 +1957,7 @@ def test_linear_probe_counts_the_bias_skips_constant_dimensions_and_scores_held_
     states = latents @ rng.standard_normal((10, 3))
     groups = [("position", 2), ("velocity", 1)]
     assert sac_ae.linear_probe(latents, states, groups)["probe_r2"] > 0.99
-    assert np.isnan(sac_ae.linear_probe(latents[:86], states[:86], groups)["probe_r2"])  # 43 fit
+    assert np.isnan(sac_ae.linear_probe(latents[:86], states[:86], groups)["probe_r2"])  # 43 < 44
     states[:, 2] = 0.5  # a dimension that never varies has no R^2; the others still average
     r2 = sac_ae.linear_probe(latents, states, groups)
     assert r2["probe_r2"] > 0.99 and r2["probe_r2_position"] > 0.99

@@ -1095,6 +1095,7 @@ def test_the_evaluation_environment_is_seeded_apart_from_the_training_one(tmp_pa
         (["--task", "walk"], "for domain cheetah; valid: run"),
         (["--batch-size", "0"], "--batch-size"),
         (["--image-size", "12"], "too small"),
+        (["--image-size", "14"], "too small"),  # 4 convs leave 0 x 0 of 14 x 14
         (["--obs", "state", "--decoder", "pixel"], "--decoder pixel needs --obs pixels"),
         (["--critic-tau", "1.5"], "--critic-tau"),
         (["--critic-beta", "1"], "--critic-beta: must be a number in [0, 1), as Adam needs"),
@@ -1109,6 +1110,8 @@ def test_the_evaluation_environment_is_seeded_apart_from_the_training_one(tmp_pa
         (["--actor-log-std-min", "nan"], "--actor-log-std-min"),
         (["--actor-log-std-max", "inf"], "--actor-log-std-max: must be a finite number"),
         (["--actor-log-std-min", "3"], "--actor-log-std-min is not below"),
+        (["--actor-log-std-min", "2"], "--actor-log-std-min is not below"),  # max's default
+        (["--vae-beta", "inf"], "--vae-beta"),
         (["--init-temperature", "inf"], "--init-temperature"),
         (["--critic-lr", "nan"], "--critic-lr"),
         (["--device", "cuda:x"], "--device"),
@@ -1135,6 +1138,19 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(
     assert exit_code(argv if modes else [*argv, "--out-dir", str(out)]) == 2
     assert needle in one_line_error(capsys)
     assert not out.exists()
+
+
+def test_the_edges_of_each_checked_range_are_accepted(tmp_path, monkeypatch):
+    (tmp_path / "enc").mkdir()
+    exported_agent(tmp_path / "enc")
+    monkeypatch.chdir(tmp_path)  # a relative --load-encoder is kept as the absolute path
+    edges = ["--gamma", "1", "--critic-tau", "1", "--ae-bits", "8", "--keep-checkpoints", "0",
+             "--image-size", "15", "--decoder-latent-lambda", "0",
+             "--load-encoder", "enc"]  # fmt: skip
+    args = sac_ae.parse_args(edges)
+    assert (args.gamma, args.critic_tau, args.ae_bits, args.keep_checkpoints) == (1, 1, 8, 0)
+    assert (args.image_size, args.decoder_latent_lambda) == (15, 0)
+    assert args.load_encoder == str(tmp_path / "enc")
 
 
 def test_bad_input_from_the_shell_has_no_traceback(tmp_path):

@@ -12,6 +12,7 @@ import functools
 import hashlib
 import json
 import logging
+import math
 import os
 import re
 import shutil
@@ -736,6 +737,23 @@ def test_evaluation_acts_with_tanh_of_the_mean():
     assert taken and all(taken)
 
 
+def test_evaluation_returns_each_episodes_summed_reward(monkeypatch):
+    agent, _ = make_agent("--obs", "state", action_dim=1)
+    env = sac_ae.DMCEnv("cartpole", "swingup", seed=0, obs="state", frame_stack=1, action_repeat=8)
+    step, episodes = env.step, [[]]
+
+    def recording(action):
+        out = step(action)
+        episodes[-1].append(out[1])
+        episodes.extend([[]] * out[3])  # done: the next reward is the next episode's
+        return out
+
+    monkeypatch.setattr(env, "step", recording)
+    returns = sac_ae.evaluate(env, agent, episodes=2)[0]
+    assert [len(e) for e in episodes] == [125, 125, 0]
+    assert returns == [sum(e) for e in episodes[:2]] and returns[0] != returns[1]
+
+
 # ---------------------------------------------------------------------------- the update, literally
 def literal_update(agent, batch, step):
     """The update transcribed from the paper and the authors' code, step by step, every part
@@ -1262,6 +1280,19 @@ def test_pixel_run_writes_its_run_folder(reference_run):
 
 
 @slow
+def test_save_video_records_the_first_episode_of_each_evaluation(tmp_path):
+    import imageio.v2 as imageio
+
+    out = tiny_run(tmp_path / "run", "--save-video", "--eval-episodes", "2", obs="state",
+                   total_steps=200)  # fmt: skip
+    assert [r["episodes"] for r in read_csv(out / "eval.csv")] == ["2", "2"]
+    assert sorted(os.listdir(out / "video")) == ["eval_0.mp4", "eval_200.mp4"]
+    for name in ("eval_0.mp4", "eval_200.mp4"):  # one frame an agent step, of one episode
+        frames = imageio.mimread(out / "video" / name, memtest=False)
+        assert len(frames) == 125 and frames[0].shape == (256, 256, 3)
+
+
+@slow
 def test_baselines_and_paper_variants_run_and_readme_snippet_loads_their_weights(
     tmp_path, reference_run, state_reference
 ):
@@ -1280,6 +1311,10 @@ def test_baselines_and_paper_variants_run_and_readme_snippet_loads_their_weights
         assert evaluated[0] == "0" and evaluated[-1] == train[-1]["env_step"]  # and at the end
         assert np.isfinite(run_readme_snippet(out)["action"]).all()
     assert json.loads((state_reference / "config.json").read_text())["frame_stack"] == 1
+    given = torch.load(reference_run / "model.pt", weights_only=True)["agent"]
+    kept = torch.load(runs["transfer"] / "model.pt", weights_only=True)["agent"]
+    convs = [k for k in given if k.startswith("encoder.")]
+    assert convs and all(torch.equal(kept[k], given[k]) for k in convs)  # loaded, then frozen
 
 
 def run_readme_snippet(run_dir):
@@ -1870,6 +1905,9 @@ def test_vae_kl_is_zero_only_when_the_posterior_is_the_prior():
     assert sac_ae.kl_to_standard_normal(zero + 0.1, zero).item() > 0
     assert sac_ae.kl_to_standard_normal(zero, zero - 0.1).item() > 0
     assert sac_ae.kl_to_standard_normal(zero, zero + 0.1).item() > 0
+    # summed over the 8 latent dimensions, averaged over the batch: 8 * (2 - 1 - log 2) / 2
+    kl = sac_ae.kl_to_standard_normal(zero, torch.full((3, 8), math.log(2))).item()
+    assert kl == pytest.approx(4 * (1 - math.log(2)))
 
 
 def test_vae_reconstructs_a_sampled_latent_while_rl_heads_read_the_mean():
@@ -1937,6 +1975,24 @@ def test_load_encoder_refuses_an_encoder_of_another_shape_in_one_line(tmp_path):
     agent, _ = make_agent("--num-filters", "8", "--load-encoder", str(tmp_path), action_dim=1)
     with pytest.raises(sac_ae.UsageError, match=r"no encoder for this run in .*size mismatch"):
         sac_ae.load_encoder(agent, str(tmp_path))
+
+
+def test_load_encoder_refuses_a_state_run_which_has_no_encoder(tmp_path):
+    sac_ae.export_model(make_agent("--obs", "state", action_dim=1)[0], str(tmp_path / "model.pt"))
+    agent, _ = make_agent(action_dim=1)
+    with pytest.raises(sac_ae.UsageError, match=r"a SAC:state run has no encoder to give"):
+        sac_ae.load_encoder(agent, str(tmp_path / "model.pt"))
+
+
+@slow
+def test_load_encoder_takes_a_checkpoint_as_well(tmp_path, reference_run):
+    path = sac_ae.checkpoints(str(reference_run))[0][2]
+    args = sac_ae.parse_args([*TINY_RUN, "--out-dir", str(tmp_path / "x")])
+    agent = sac_ae.SACAE((9, 32, 32), 1, torch.device("cpu"), args)
+    sac_ae.load_encoder(agent, path)
+    saved = torch.load(path, weights_only=False)["agent"]
+    for name, value in agent.encoder.state_dict().items():
+        assert torch.equal(value, saved["encoder." + name]), name
 
 
 def test_freeze_encoder_keeps_loaded_weights_fixed_through_training(tmp_path):

@@ -905,6 +905,16 @@ def test_bf16_update_runs_and_keeps_parameters_float32():
     assert all(s["exp_avg"].dtype == torch.float32 for s in agent.critic_opt.state.values())
 
 
+@pytest.mark.parametrize("precision,dtype", [("fp32", torch.float32), ("bf16", torch.bfloat16)])
+def test_acting_runs_in_the_training_precision(precision, dtype):
+    agent, args = make_agent("--precision", precision, action_dim=1)
+    seen = []
+    agent.encoder.convs.register_forward_hook(lambda _, inputs, out: seen.append(out.dtype))
+    obs = random_batch(agent, args)[0][0].numpy()
+    agent.act(obs), agent.act(obs, deterministic=True), agent.latent(obs)
+    assert seen == [dtype] * 3
+
+
 def test_bf16_actor_reads_the_convs_as_the_critic_step_left_them(monkeypatch):
     # autocast may keep a bf16 copy of each weight while it is open; the optimizers step the
     # weights inside the update, so a kept copy would feed the actor the convs of before.
@@ -1938,6 +1948,17 @@ def test_vae_decoder_reads_the_mean_plus_noise_times_the_posterior_std(monkeypat
     assert torch.allclose(seen[0], z + 0.5 * (0.5 * log_var).exp())
 
 
+def test_vae_encoder_learns_the_posterior_variance_through_the_kl(monkeypatch):
+    agent, args = make_agent("--decoder", "vae", "--vae-beta", "1")
+    decode, kl = agent.decoder.forward, sac_ae.kl_to_standard_normal  # only log_var's path left:
+    monkeypatch.setattr(agent.decoder, "forward", lambda z: decode(z.detach()))
+    monkeypatch.setattr(sac_ae, "kl_to_standard_normal", lambda mu, lv: kl(mu.detach(), lv))
+    pixels = random_batch(agent, args)[0]
+    before = snapshot(agent.encoder.parameters())
+    agent.update_autoencoder(pixels, agent.encoder(agent.prepare(pixels)))
+    assert not same(before, agent.encoder.parameters())
+
+
 def test_separate_ae_grad_critic_leaves_encoder_and_decoder_moves_it():
     agent, args = make_agent("--ae-grad", "separate", action_dim=1)
     batch = real_batch(args)
@@ -2184,11 +2205,20 @@ def test_device_with_an_index_becomes_the_current_cuda_device(monkeypatch, name,
              (torch.backends.cuda.matmul, "allow_tf32")]  # fmt: skip
     saved = [getattr(module, flag) for module, flag in flags]
     try:
+        for (module, flag), value in zip(flags, (False, True, True)):
+            setattr(module, flag, value)
         assert sac_ae.pick_device(name) == torch.device(name)
+        cuda = name != "cpu"  # cuDNN's autotuner for fixed shapes, and true float32 (TF32 off)
+        assert [getattr(module, flag) for module, flag in flags] == [cuda, not cuda, not cuda]
     finally:  # the GPU numerics it chose, put back for the other tests
         for (module, flag), value in zip(flags, saved):
             setattr(module, flag, value)
     assert chosen == ([current] if current is not None else [])
+
+
+def test_auto_device_is_cuda_when_there_is_one():
+    expected = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    assert sac_ae.pick_device("auto") == expected
 
 
 CUDA_RUN = with_flag(with_flag(TINY_RUN, "--total-steps", "400"), "--device", "cuda")

@@ -2090,6 +2090,43 @@ def test_benchmark_prints_the_final_line(capsys):
     assert (fields["device"], fields["precision"]) == ("cpu", "fp32")
 
 
+@slow
+@pytest.mark.parametrize("repeat,extra", [("1", ["--compile"]), ("2", [])])
+def test_benchmark_times_one_update_and_one_agent_step_on_the_device_asked(
+    monkeypatch, capsys, fresh_dynamo, repeat, extra
+):
+    """On a clock that ticks 10 ms an update (2 of them sampling) and 4 ms an agent step."""
+    now, asked, pick = [0.0], [], sac_ae.pick_device
+
+    def clock():
+        return now[0]
+
+    def ticking(owner, name, seconds):
+        f = getattr(owner, name)
+
+        def ticked(*a):
+            now[0] += seconds
+            return f(*a)
+
+        monkeypatch.setattr(owner, name, ticked)
+
+    fake = types.SimpleNamespace(time=clock, perf_counter=clock, strftime=sac_ae.time.strftime)
+    monkeypatch.setattr(sac_ae, "time", fake)
+    ticking(sac_ae.SACAE, "update", 0.008)
+    ticking(sac_ae.ReplayBuffer, "sample", 0.002)
+    ticking(sac_ae.DMCEnv, "step", 0.004)
+    monkeypatch.setattr(sac_ae, "pick_device", lambda name: asked.append(name) or pick("cpu"))
+    monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="aot_eager"))
+    argv = ["--benchmark", "--bench-updates", "4", "--batch-size", "4", "--hidden-dim", "16",
+            "--obs", "state", "--action-repeat", repeat, "--device", "auto", *extra]  # fmt: skip
+    assert sac_ae.main(argv) is None
+    out, sps = capsys.readouterr().out, 1000 * int(repeat) / 4
+    assert f"10.0 ms per update, 2.0 of it sampling; {sps:.0f} env steps per second" in out
+    fields = dict(kv.split("=", 1) for kv in out.strip().splitlines()[-1].split()[1:])
+    assert (fields["ms_per_update"], fields["env_steps_per_s"]) == ("10.000", f"{sps:.1f}")
+    assert (fields["device"], fields["precision"], asked) == ("cpu", "fp32", ["auto"])
+
+
 @pytest.fixture
 def fresh_dynamo():
     """torch.compile's caches emptied: dynamo keys Optimizer.step by the optimizer, so agents

@@ -1025,18 +1025,77 @@ def test_init_steps_count_agent_steps_of_random_actions_and_evaluation_is_determ
     assert calls == {False: 75 - 30, True: 3 * 125}  # 3 evaluations of a 125-step episode
 
 
-def test_each_episode_row_holds_its_own_1000_steps_and_updates(tmp_path, monkeypatch):
-    counted, log_episode = [], sac_ae.Run.log_episode
+@pytest.fixture(scope="module")
+def two_episodes(tmp_path_factory):
+    """A state run of 2 episodes: its train.csv rows, the updates each row's means were over, and
+    each write to the ring in order (None: an episode's first frame; else (reward, not-done))."""
+    seen = types.SimpleNamespace(counted=[], writes=[])
+    log_episode, add, add_first = (
+        sac_ae.Run.log_episode,
+        sac_ae.ReplayBuffer.add,
+        sac_ae.ReplayBuffer.add_first,
+    )
 
-    def counting(run):  # the updates that the row's means are over
-        counted.append(len(run.metrics.steps))
+    def counting(run):
+        seen.counted.append(len(run.metrics.steps))
         log_episode(run)
 
-    monkeypatch.setattr(sac_ae.Run, "log_episode", counting)
-    rows = read_csv(tiny_run(tmp_path / "run", obs="state", total_steps=2000) / "train.csv")
+    def adding(ring, action, reward, not_done, next_obs):
+        seen.writes.append((reward, not_done))
+        add(ring, action, reward, not_done, next_obs)
+
+    def adding_first(ring, obs):
+        seen.writes.append(None)
+        add_first(ring, obs)
+
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(sac_ae.Run, "log_episode", counting)
+        m.setattr(sac_ae.ReplayBuffer, "add", adding)
+        m.setattr(sac_ae.ReplayBuffer, "add_first", adding_first)
+        out = tiny_run(tmp_path_factory.mktemp("two") / "run", obs="state", total_steps=2000)
+    seen.rows = read_csv(out / "train.csv")
+    return seen
+
+
+def test_each_episode_row_holds_its_own_1000_steps_and_updates(two_episodes):
+    rows = two_episodes.rows
+    assert [int(r["episode"]) for r in rows] == [0, 1]
     assert [int(r["episode_length"]) for r in rows] == [1000, 1000]  # no row of 0 steps after
+    assert [int(r["agent_step"]) for r in rows] == [125, 250]
     updates = [int(r["updates"]) for r in rows]
+    counted = two_episodes.counted  # the updates that each row's means are over
     assert counted == [updates[0], updates[1] - updates[0]] == [30 + 94, 125]  # burst of 30
+
+
+def test_each_episode_row_returns_the_sum_of_the_rewards_its_steps_stored(two_episodes):
+    episodes, rewards = [], []
+    for write in [*two_episodes.writes[1:], None]:
+        if write is None:
+            episodes.append(sum(rewards))
+            rewards = []
+        else:
+            rewards.append(write[0])
+    returns = [float(r["episode_return"]) for r in two_episodes.rows]
+    np.testing.assert_allclose(returns, episodes[:2], rtol=1e-5)  # as train.csv writes: 6 digits
+    assert min(returns) > 0 and episodes[2] == 0  # nothing stored after the last reset
+
+
+def test_the_ring_gets_each_episodes_first_frame_then_its_steps_not_done_at_the_time_limit(
+    two_episodes,
+):
+    not_done = [w if w is None else w[1] for w in two_episodes.writes]
+    episode = [None, *[1.0] * 125]  # the time limit bootstraps: its not-done is 1 (Sec. 4.1)
+    assert not_done == [*episode, *episode, None]  # the last reset's first frame, for a resume
+
+
+def test_an_action_repeat_that_does_not_divide_1000_counts_true_env_steps(tmp_path):
+    out = tiny_run(tmp_path / "run", "--action-repeat", "3", obs="state", total_steps=1000,
+                   eval_freq=1000)  # fmt: skip
+    rows = read_csv(out / "train.csv")
+    assert [(r["env_step"], r["agent_step"], r["episode_length"]) for r in rows] == [
+        ("1000", "334", "1000")  # 333 steps of 3 and a last one of 1
+    ]
+    assert [r["env_step"] for r in read_csv(out / "eval.csv")] == ["0", "1000"]
 
 
 def test_each_row_is_on_disk_when_its_console_line_is_printed(tmp_path, monkeypatch):

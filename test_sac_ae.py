@@ -1114,8 +1114,9 @@ def test_each_row_is_on_disk_when_its_console_line_is_printed(tmp_path, monkeypa
 
 @slow
 def test_fps_counts_this_process_and_wall_time_carries_across_a_resume(tmp_path, monkeypatch):
-    """On a clock that ticks 1 s a training agent step (8 env steps) and 100 s an evaluation."""
-    now, ticking, stops = [0.0], [True], [188]  # SIGINT at agent step 188: env step 1504
+    """On a clock that reads 1e6 s at the start (not 0, which would pass for a duration), and
+    ticks 1 s a training agent step (8 env steps) and 100 s an evaluation."""
+    now, ticking, stops = [1e6], [True], [188]  # SIGINT at agent step 188: env step 1504
     step, evaluate = sac_ae.DMCEnv.step, sac_ae.evaluate
 
     def clock():
@@ -1642,6 +1643,35 @@ def test_a_lost_newest_replay_chunk_points_to_the_checkpoint_before_it(
     line = one_line_error(capsys)
     assert "which no chunk holds" in line and "resume from ckpt_0000000400" in line
     assert folder_digest(out) == before
+
+
+@slow
+def test_a_checkpoint_at_an_evaluation_step_holds_that_evaluation(
+    tmp_path, state_reference, capsys
+):
+    out = tmp_path / "run"
+    shutil.copytree(state_reference, out)
+    sorted((out / "checkpoints").glob("ckpt_*.pt"))[-1].unlink()  # resume from ckpt 400
+    capsys.readouterr()
+    resume(out)
+    printed = capsys.readouterr().out
+    assert "[resume] ckpt_0000000400" in printed  # evaluated, then checkpointed: not done again
+    assert "[eval] env_step 400 " not in printed and "[eval] env_step 600 " in printed
+    assert_same_run(out, state_reference)
+
+
+def test_the_progress_bar_on_a_terminal_counts_env_steps(tmp_path, monkeypatch, capsys):
+    counted, log_episode = [], sac_ae.Run.log_episode
+
+    def counting(run):
+        log_episode(run)
+        counted.append((run.bar.disable, run.bar.n, run.bar.total, run.state.env_step))
+
+    monkeypatch.setattr(sac_ae.Run, "log_episode", counting)
+    monkeypatch.setattr(sys.stdout, "isatty", lambda: True)
+    tiny_run(tmp_path / "run", obs="state", total_steps=2000, eval_freq=2000)
+    assert counted == [(False, 1000, 2000, 1000), (False, 2000, 2000, 2000)]
+    assert "2000/2000" in capsys.readouterr().err  # tqdm's line, on stderr
 
 
 @slow

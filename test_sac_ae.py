@@ -10,6 +10,7 @@ import copy
 import csv
 import functools
 import hashlib
+import io
 import json
 import logging
 import math
@@ -1163,6 +1164,16 @@ def test_run_label_names_the_mode_from_config_json(tmp_path):
         assert sac_ae.run_label(str(tmp_path / "eval.csv")) == f"walker-walk, {mode}"
 
 
+def test_run_label_is_the_folder_name_without_a_config_json_it_can_read(tmp_path, monkeypatch):
+    folder = tmp_path / "seed-3"
+    folder.mkdir()
+    monkeypatch.chdir(folder)
+    for config in [None, dict(domain="walker", task="walk", decoder="ae", obs="pixels"), [1]]:
+        if config is not None:  # none, a decoder it does not know, not an object
+            (folder / "config.json").write_text(json.dumps(config))
+        assert sac_ae.run_label("eval.csv") == "seed-3"  # a relative path, as a shell gives it
+
+
 def test_the_evaluation_environment_is_seeded_apart_from_the_training_one(tmp_path):
     args = sac_ae.parse_args([*STATE_RUN, "--out-dir", str(tmp_path / "run")])
 
@@ -1284,6 +1295,24 @@ def test_networks_too_large_for_memory_are_one_line(tmp_path, capsys):
     assert not (tmp_path / "r").exists()
 
 
+def test_a_replay_larger_than_the_free_host_memory_is_one_line(tmp_path, monkeypatch, capsys):
+    def meminfo(path, *a, **k):  # 1 GiB available
+        if path == "/proc/meminfo":
+            return io.StringIO("MemTotal: 8388608 kB\nMemAvailable: 1048576 kB\n")
+        return open(path, *a, **k)
+
+    def accepted(*a, **k):  # else it would train a whole default run
+        raise AssertionError("a replay of 1.2 GiB was accepted with 1 GiB free")
+
+    monkeypatch.setattr(sac_ae, "open", meminfo, raising=False)
+    monkeypatch.setattr(sac_ae, "SACAE", accepted)
+    argv = ["--domain", "cartpole", "--task", "swingup", "--buffer-size", "100000", "--device"]
+    assert exit_code([*argv, "cpu", "--out-dir", str(tmp_path / "run")]) == 2
+    line = one_line_error(capsys)  # 500k env steps are 62,500 agent steps at cartpole's repeat 8
+    assert "the replay needs 1.2 GiB, 1.0 free: lower --buffer-size" in line
+    assert not (tmp_path / "run").exists()
+
+
 def test_load_encoder_and_action_repeat_mistakes_are_one_line(tmp_path, capsys):
     argv = ["--domain", "cartpole", "--task", "swingup", "--out-dir", str(tmp_path / "run")]
     assert exit_code([*argv, "--load-encoder", str(tmp_path)]) == 2  # a folder without model.pt
@@ -1396,6 +1425,14 @@ def run_readme_snippet(run_dir):
     namespace = {}
     exec(snippet[0].replace("RUN_DIR", str(run_dir)), namespace)
     return namespace
+
+
+def test_model_pt_keeps_the_flags_of_the_maths_and_no_others(reference_run):
+    config = json.loads((reference_run / "config.json").read_text())
+    args = sac_ae.parse_args(["--resume", str(reference_run)])
+    saved = torch.load(reference_run / "model.pt", weights_only=True)["config"]
+    assert saved == sac_ae.maths_config(args) and saved["image_size"] == config["image_size"] == 32
+    assert "total_steps" not in saved and "out_dir" not in saved and "decoder" in saved
 
 
 @slow
@@ -1863,6 +1900,46 @@ def test_a_closed_console_leaves_the_run_going_and_its_folder_whole(tmp_path, st
     run.stdout.close()  # as `| head -1` does
     assert run.wait(timeout=300) == 0 and run.stderr.read() == ""
     assert_same_run(out, state_reference)
+
+
+def test_main_gives_back_the_signal_handlers_it_took(tmp_path):
+    handlers = [signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)]
+    tiny_run(tmp_path / "run", obs="state", total_steps=100)
+    assert [signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)] == handlers
+    tiny_run(tmp_path / "big", "--image-size", "1000", code=2)  # refused in the set-up
+    assert [signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)] == handlers
+
+
+def test_a_fault_while_closing_does_not_hide_the_fault_that_ended_the_run(
+    tmp_path, monkeypatch, capsys
+):
+    def no_space():
+        raise OSError(28, "No space left on device")
+
+    def closing_fails(held, taking=sac_ae.stop_on_signal):
+        held.callback(no_space)  # closed last: after the run's files
+        return taking(held)
+
+    def nan_loss(run):
+        raise sac_ae.NonFiniteError("critic_loss became nan at agent step 40")
+
+    monkeypatch.setattr(sac_ae, "stop_on_signal", closing_fails)
+    monkeypatch.setattr(sac_ae.Run, "log_episode", nan_loss)
+    tiny_run(tmp_path / "run", obs="state", code=1)
+    assert "critic_loss became nan at agent step 40; stopped before" in one_line_error(capsys)
+
+
+def test_each_console_line_is_flushed_as_it_is_said(monkeypatch):
+    class Console(io.StringIO):
+        flushed = ""
+
+        def flush(self):
+            self.flushed = self.getvalue()
+
+    console = Console()
+    monkeypatch.setattr(sys, "stdout", console)
+    sac_ae.say("[train] env_step 1000")  # a pipe (`| tee`) sees it now, not at the buffer's end
+    assert console.flushed == "[train] env_step 1000\n"
 
 
 def physics_error(text):

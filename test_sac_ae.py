@@ -1711,16 +1711,24 @@ def test_the_progress_bar_on_a_terminal_counts_env_steps(tmp_path, monkeypatch, 
     assert "2000/2000" in capsys.readouterr().err  # tqdm's line, on stderr
 
 
+@pytest.fixture(scope="module")
+def wrapped_ring(tmp_path_factory):
+    """--buffer-size 12 of 75 agent steps: the ring (15 slots: 12 transitions, a first frame, two
+    to spare) wraps between the checkpoints, every 100 env steps (the first agent step past each);
+    --keep-checkpoints 2 keeps the last three: [(env_step, slots, path)], [(start, end, path)]."""
+    a = tiny_run(tmp_path_factory.mktemp("wrapped") / "a", "--buffer-size", "12",
+                 "--keep-checkpoints", "2", obs="state", checkpoint_freq=100)  # fmt: skip
+    return a, sac_ae.checkpoints(a), sac_ae.checkpoints(a, sac_ae.CHUNKS)
+
+
 @slow
-def test_a_wrapped_ring_keeps_the_chunks_its_kept_checkpoints_need(tmp_path, capsys):
-    # --buffer-size 20 of 75 agent steps: the ring (23 slots) wraps between the checkpoints, every
-    # 100 env steps (the first agent step past each); --keep-checkpoints 2 keeps the last three.
-    a = tiny_run(tmp_path / "a", "--buffer-size", "20", "--keep-checkpoints", "2",
-                 obs="state", checkpoint_freq=100)  # fmt: skip
-    found, chunks = sac_ae.checkpoints(a), sac_ae.checkpoints(a, sac_ae.CHUNKS)
+def test_a_wrapped_ring_keeps_the_chunks_its_kept_checkpoints_need(tmp_path, wrapped_ring, capsys):
+    a, found, chunks = wrapped_ring
     assert [step for step, _, _ in found] == [400, 504, 600]
-    need = found[0][1] - 23  # the oldest slot that the oldest kept checkpoint's ring holds
-    assert chunks[0][0] <= need < chunks[0][1]  # the chunks before it are gone, not this one
+    need = found[0][1] - 15  # the oldest slot that the oldest kept checkpoint's ring holds
+    # The chunks before it are gone, not the one that holds it, though it ends within 3 slots of
+    # it (the ring holds more slots than transitions).
+    assert chunks[0][0] <= need < chunks[0][1] <= need + 3
     b = shutil.copytree(a, tmp_path / "b")
     names = [os.path.basename(path) for _, _, path in found]
     (b / "checkpoints" / names[2]).write_bytes(b"")  # the newest damaged: the next is offered
@@ -1728,6 +1736,22 @@ def test_a_wrapped_ring_keeps_the_chunks_its_kept_checkpoints_need(tmp_path, cap
     assert exit_code(["--resume", str(b)]) == 2 and folder_digest(b) == before
     assert f"move it aside to resume from {names[1]}" in one_line_error(capsys)
     for name in names[1:]:  # moved aside: the oldest resumes to the same files as one run
+        (b / "checkpoints" / name).unlink()
+    assert_same_run(a, resume(b))
+
+
+@slow
+def test_a_lost_middle_chunk_points_to_a_checkpoint_from_before_the_gap(
+    tmp_path, wrapped_ring, capsys
+):
+    a, found, chunks = wrapped_ring
+    b = shutil.copytree(a, tmp_path / "b")
+    lost = [c for c in chunks if c[0] == found[0][1]][0]  # the slots after ckpt 400's
+    (b / "checkpoints" / os.path.basename(lost[2])).unlink()
+    assert exit_code(["--resume", str(b)]) == 2
+    line, names = one_line_error(capsys), [os.path.basename(path) for _, _, path in found]
+    assert "which no chunk holds" in line and f"move it aside to resume from {names[0]}" in line
+    for name in names[1:]:  # the one offered has all it needs
         (b / "checkpoints" / name).unlink()
     assert_same_run(a, resume(b))
 

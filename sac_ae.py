@@ -681,8 +681,7 @@ class Run(contextlib.AbstractContextManager):  # `with Run(args) as run:` gives 
             self.args, self.device = args, pick_device(args.device)
             seed_everything(args.seed)
             self.action_rng = np.random.default_rng(args.seed)  # the actions of --init-steps
-            kw = dict(obs=args.obs, image_size=args.image_size, frame_stack=args.frame_stack)
-            kw["action_repeat"] = args.action_repeat
+            kw = {k: vars(args)[k] for k in ("obs", "image_size", "frame_stack", "action_repeat")}
             self.env = DMCEnv(args.domain, args.task, args.seed, **kw)
             self.eval_env = DMCEnv(args.domain, args.task, args.seed + EVAL_SEED_OFFSET, **kw)
             self.obs = self.env.reset()  # renders: a GL failure shows here, before the run folder
@@ -1042,16 +1041,16 @@ def load_checkpoint(run):
 
     try:
         payload = read_file(path)
-        state = State(**payload["state"])
+        version = payload["format"]
     except Exception as e:
         refuse(f"is damaged ({' '.join(str(e).split())})", lambda t: True)
+    with open(os.path.join(run_dir, "train.csv")) as f:  # METRICS or CHECKPOINT_FORMAT changed?
+        if f.readline().strip() != ",".join(TRAIN_FIELDS) or version != CHECKPOINT_FORMAT:
+            raise UsageError(f"{run_dir} is a run of another sac_ae.py: resume with that one")
     theirs = maths_config(argparse.Namespace(**payload["args"]))
     for k in sorted(k for k in theirs.keys() & vars(args).keys() if theirs[k] != vars(args)[k]):
         wrote = f"{vars(args)[k]!r}, but the checkpoint was trained with {theirs[k]!r}"
         raise UsageError(f"config.json says {k} {wrote}: put config.json back as the run wrote it")
-    with open(os.path.join(run_dir, "train.csv")) as f:  # METRICS edited since the run began?
-        if f.readline().strip() != ",".join(TRAIN_FIELDS):
-            raise UsageError(f"{f.name} has columns from another sac_ae.py: resume with that one")
     for start, end, chunk in (c for c in chunks if c[0] < slots and c[1] > need):
         if start > need:
             refuse(f"needs replay slots {need}..{start}, which no chunk holds", lambda t: t <= need)
@@ -1087,7 +1086,7 @@ def load_checkpoint(run):
         os.remove(chunk)
     for log, size in payload["csv"].items():  # drop the rows written after the checkpoint
         os.truncate(os.path.join(run_dir, log), size)
-    run.state = state
+    run.state = State(**payload["state"])
     run.metrics.load_state_dict(payload["metrics"])
     return path
 
@@ -1133,12 +1132,13 @@ def stop_on_signal(held):
 
 
 def say(line):
-    """A console line. When the console has gone (`| head`), the run goes on, printing nowhere."""
+    """A console line. When the console has gone (`| head`, or sys.stdout closed), the run goes
+    on, printing nowhere."""
     try:
         tqdm.tqdm.write(line, file=sys.stdout)
         sys.stdout.flush()
     except (BrokenPipeError, ValueError):  # ValueError: sys.stdout was closed
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.stdout = open(os.devnull, "w")  # once: the next lines raise nothing
 
 
 # ====================================================================== --compile and CUDA graphs
@@ -1223,8 +1223,8 @@ def benchmark(args):
     """Time updates on a replay buffer of random frames, and environment steps: two lines."""
     device = pick_device(args.device)
     seed_everything(args.seed)
-    kw = dict(obs=args.obs, image_size=args.image_size, frame_stack=args.frame_stack)
-    env = DMCEnv(args.domain, args.task, args.seed, action_repeat=args.action_repeat, **kw)
+    kw = {k: vars(args)[k] for k in ("obs", "image_size", "frame_stack", "action_repeat")}
+    env = DMCEnv(args.domain, args.task, args.seed, **kw)
     agent = SACAE(env.obs_shape, env.action_dim, device, args)
     replay = replay_buffer(env, min(args.buffer_size, 10 * env.episode_length), args.seed, device)
     rng, dtype = np.random.default_rng(args.seed), np.uint8 if args.obs == "pixels" else np.float32

@@ -1767,7 +1767,8 @@ def test_a_lost_middle_chunk_points_to_a_checkpoint_from_before_the_gap(
     ("ok", ["--total-steps", "592"], "already at env step 600"),  # 592 + one action repeat
     ("edited", [], "config.json says critic_lr 0.5, but the checkpoint was trained with 0.001"),
     ("corrupt", [], "config.json is damaged"),
-    ("metric", [], "train.csv has columns from another sac_ae.py: resume with that one"),
+    ("metric", [], "run is a run of another sac_ae.py: resume with that one"),
+    ("format", [], "run is a run of another sac_ae.py: resume with that one"),
 ])  # fmt: skip
 def test_bad_resume_is_one_line_exit_2_and_changes_nothing(
     tmp_path, reference_run, capsys, monkeypatch, setup, argv, needle
@@ -1777,7 +1778,7 @@ def test_bad_resume_is_one_line_exit_2_and_changes_nothing(
         out.mkdir()
     if setup not in ("missing", "empty"):
         shutil.copy(reference_run / "config.json", out / "config.json")
-    if setup in ("ok", "edited", "corrupt", "metric"):
+    if setup in ("ok", "edited", "corrupt", "metric", "format"):
         shutil.copytree(reference_run / "checkpoints", out / "checkpoints")
         for name in ("eval.csv", "train.csv"):
             shutil.copy(reference_run / name, out / name)
@@ -1788,6 +1789,8 @@ def test_bad_resume_is_one_line_exit_2_and_changes_nothing(
         (out / "config.json").write_text("{not json")
     if setup == "metric":  # the code logs one more metric than when the run began
         monkeypatch.setattr(sac_ae, "TRAIN_FIELDS", [*sac_ae.TRAIN_FIELDS, "grad_norm"])
+    if setup == "format":  # a sac_ae.py whose checkpoints are laid out otherwise
+        monkeypatch.setattr(sac_ae, "CHECKPOINT_FORMAT", sac_ae.CHECKPOINT_FORMAT + 1)
     before = folder_digest(out) if out.exists() else None
     assert exit_code(["--resume", str(out), *argv]) == 2
     assert needle in one_line_error(capsys)
@@ -1964,6 +1967,17 @@ def test_each_console_line_is_flushed_as_it_is_said(monkeypatch):
     monkeypatch.setattr(sys, "stdout", console)
     sac_ae.say("[train] env_step 1000")  # a pipe (`| tee`) sees it now, not at the buffer's end
     assert console.flushed == "[train] env_step 1000\n"
+
+
+def test_a_closed_sys_stdout_is_printed_to_nowhere_once(tmp_path):
+    code = """import os, sys, sac_ae
+sys.stdout.close()
+opened = len(os.listdir("/proc/self/fd"))
+for i in range(100):
+    sac_ae.say(f"[train] line {i}")
+print(len(os.listdir("/proc/self/fd")) - opened, file=sys.stderr)"""
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=HERE)
+    assert (done.returncode, done.stdout, done.stderr) == (0, "", "1\n")  # /dev/null, once
 
 
 def physics_error(text):

@@ -1031,11 +1031,8 @@ def two_episodes(tmp_path_factory):
     """A state run of 2 episodes: its train.csv rows, the updates each row's means were over, and
     each write to the ring in order (None: an episode's first frame; else (reward, not-done))."""
     seen = types.SimpleNamespace(counted=[], writes=[])
-    log_episode, add, add_first = (
-        sac_ae.Run.log_episode,
-        sac_ae.ReplayBuffer.add,
-        sac_ae.ReplayBuffer.add_first,
-    )
+    log_episode = sac_ae.Run.log_episode
+    add, add_first = sac_ae.ReplayBuffer.add, sac_ae.ReplayBuffer.add_first
 
     def counting(run):
         seen.counted.append(len(run.metrics.steps))

@@ -10,6 +10,7 @@ import copy
 import csv
 import functools
 import hashlib
+import inspect
 import io
 import json
 import logging
@@ -352,18 +353,20 @@ def test_a_true_terminal_stops_the_repeat_with_discount_0():
 
     env = sac_ae.DMCEnv("cartpole", "swingup", seed=0, obs="state", action_repeat=8)
     env.reset()
-    real, calls = env.env.step, []
+    real, calls, rewards = env.env.step, [], []
 
     def step(action):  # the 3rd physics step of the repeat is a terminal
         calls.append(action)
         time_step = real(action)
         if len(calls) == 3:
-            return time_step._replace(step_type=dm_env.StepType.LAST, discount=0.0)
+            time_step = time_step._replace(step_type=dm_env.StepType.LAST, discount=0.0)
+        rewards.append(time_step.reward)
         return time_step
 
     env.env.step = step
-    _, _, discount, done, steps = env.step(np.zeros(env.action_dim))
+    _, reward, discount, done, steps = env.step(np.zeros(env.action_dim))
     assert (discount, done, steps, len(calls)) == (0.0, True, 3, 3)
+    assert reward == sum(rewards) and rewards[2] > 0  # the terminal step's reward counts too
 
 
 def test_agent_steps_count_an_episodes_short_last_step():
@@ -376,6 +379,13 @@ def test_agent_steps_count_an_episodes_short_last_step():
             *_, done, steps = env.step(np.zeros(env.action_dim))
             agent_steps, env_steps = agent_steps + 1, env_steps + steps
         assert env.agent_steps(2500) == agent_steps, repeat  # 3: 835, where 2500 / 3 gives 834
+
+
+def test_an_action_repeat_as_long_as_the_episode_is_one_agent_step():
+    env = sac_ae.DMCEnv("cartpole", "swingup", seed=0, obs="state", action_repeat=1000)
+    env.reset()
+    *_, done, steps = env.step(np.zeros(env.action_dim))
+    assert (env.episode_length, done, steps) == (1, True, 1000)
 
 
 def test_action_repeat_defaults_per_domain():
@@ -496,6 +506,24 @@ def test_replay_kept_apart_from_the_training_device_gathers_there_and_copies_the
     assert kept.storage == elsewhere.storage == torch.device("cpu")
     sized = replay((3, 84, 84), torch.uint8, 1000, 250, device="cpu", storage="meta")
     assert sized.frames.device.type == "meta" and sized.age.nbytes == 4 * sized.size
+
+
+def test_the_ring_goes_to_the_gpu_only_with_2_gib_to_spare(monkeypatch, capsys):
+    env = sac_ae.DMCEnv("cartpole", "swingup", seed=0, obs="state", action_repeat=8)
+    need = sac_ae.ReplayBuffer((5,), torch.float32, 3, 1, 100, 125, storage="meta").nbytes
+    stored, made = [], sac_ae.ReplayBuffer
+
+    def recording(*a, **k):  # the storage asked for; made on "meta"
+        stored.append(inspect.signature(made).bind(*a, **k).arguments.get("storage"))
+        return made(*a[:6], storage="meta")
+
+    monkeypatch.setattr(sac_ae, "ReplayBuffer", recording)
+    for free_gib in (1.99, 2.01):  # beyond what the ring needs
+        free = need + free_gib * 2**30
+        monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device, free=free: (free, free))
+        sac_ae.replay_buffer(env, 100, 0, torch.device("cuda"))
+    assert [str(s) for s in stored] == ["meta", "cpu", "meta", "cuda"]  # sized, then made
+    assert capsys.readouterr().out.count("it is kept in host memory") == 1
 
 
 def test_replay_refuses_to_sample_before_its_first_transition_then_samples_it():
@@ -750,9 +778,10 @@ def test_evaluation_returns_each_episodes_summed_reward(monkeypatch):
         return out
 
     monkeypatch.setattr(env, "step", recording)
-    returns = sac_ae.evaluate(env, agent, episodes=2)[0]
+    returns, latents, states, _ = sac_ae.evaluate(env, agent, episodes=2, probe=True)
     assert [len(e) for e in episodes] == [125, 125, 0]
     assert returns == [sum(e) for e in episodes[:2]] and returns[0] != returns[1]
+    assert len(latents) == len(states) == 250  # the probe reads every episode's observations
 
 
 # ---------------------------------------------------------------------------- the update, literally
@@ -1196,7 +1225,7 @@ def test_the_evaluation_environment_is_seeded_apart_from_the_training_one(tmp_pa
         (["--critic-tau", "1.5"], "--critic-tau"),
         (["--critic-beta", "1"], "--critic-beta: must be a number in [0, 1), as Adam needs"),
         (["--alpha-beta", "1.0"], "--alpha-beta"),
-        (["--seed", "-1"], "--seed"),
+        (["--seed", "-1"], "argument --seed: must be an integer in [0, 2^32 - 10001], got '-1'"),
         (["--seed", "4294957296"], "--seed: must be an integer in [0, 2^32 - 10001]"),
         (["--ae-bits", "9"], "--ae-bits"),
         (["--freeze-encoder"], "--freeze-encoder needs --load-encoder"),
@@ -1214,6 +1243,7 @@ def test_the_evaluation_environment_is_seeded_apart_from_the_training_one(tmp_pa
         (["--benchmark", "--bench-updates", "3"], "--bench-updates must be even"),
         (["--plot", os.path.join(HERE, "README.md")], "no eval.csv of sac_ae.py (KeyError"),
         (["--plot", os.path.join(HERE, "no-such.csv")], "(FileNotFoundError"),
+        (["--plot", "SHORT_ROW"], "no eval.csv of sac_ae.py (TypeError"),
         (["--no-such-flag"], "unrecognized"),
     ]
     + (
@@ -1229,6 +1259,10 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(
         raise AssertionError(f"{argv} was accepted")
 
     monkeypatch.setattr(sac_ae.DMCEnv, "step", accepted)
+    if "SHORT_ROW" in argv:  # an eval.csv cut in its last row
+        short = tmp_path / "eval.csv"
+        short.write_text("env_step,episode_return_mean,episode_return_std\n0,1,0\n10,5\n")
+        argv = [str(short) if a == "SHORT_ROW" else a for a in argv]
     out = tmp_path / "never"
     modes = {"--resume", "--plot"} & set(argv)  # these refuse an --out-dir first
     assert exit_code(argv if modes else [*argv, "--out-dir", str(out)]) == 2
@@ -1242,9 +1276,10 @@ def test_the_edges_of_each_checked_range_are_accepted(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # a relative --load-encoder is kept as the absolute path
     edges = ["--gamma", "1", "--critic-tau", "1", "--ae-bits", "8", "--keep-checkpoints", "0",
              "--image-size", "15", "--decoder-latent-lambda", "0",
-             "--load-encoder", "enc"]  # fmt: skip
+             "--load-encoder", "enc", "--seed", "4294957295"]  # fmt: skip
     args = sac_ae.parse_args(edges)
     assert (args.gamma, args.critic_tau, args.ae_bits, args.keep_checkpoints) == (1, 1, 8, 0)
+    assert args.seed == 2**32 - 1 - sac_ae.EVAL_SEED_OFFSET  # the evaluation's seed fits too
     assert (args.image_size, args.decoder_latent_lambda) == (15, 0)
     assert args.load_encoder == str(tmp_path / "enc")
 
@@ -1718,6 +1753,27 @@ def wrapped_ring(tmp_path_factory):
     return a, sac_ae.checkpoints(a), sac_ae.checkpoints(a, sac_ae.CHUNKS)
 
 
+def test_a_chunk_holds_no_more_slots_than_the_ring(tmp_path):
+    # --buffer-size 12: a ring of 15 slots, written over 25 agent steps between two checkpoints
+    out = tiny_run(tmp_path / "run", "--buffer-size", "12", obs="state")
+    chunks = sac_ae.checkpoints(out, sac_ae.CHUNKS)
+    assert chunks and all(end - start <= 15 for start, end, _ in chunks)
+    for start, end, path in chunks:
+        with np.load(path) as data:
+            assert len(data["frames"]) == len(data["age"]) == end - start
+
+
+@slow
+def test_a_resume_removes_the_chunks_written_after_its_checkpoint(tmp_path, state_reference):
+    out = shutil.copytree(state_reference, tmp_path / "run")
+    sorted((out / "checkpoints").glob("ckpt_*.pt"))[-1].unlink()  # resume from ckpt 400
+    slots = sac_ae.checkpoints(out)[-1][1]
+    assert slots in [start for start, _, _ in sac_ae.checkpoints(out, sac_ae.CHUNKS)]
+    with sac_ae.Run(sac_ae.parse_args(["--resume", str(out)])):  # restored, not trained
+        ends = [end for _, end, _ in sac_ae.checkpoints(out, sac_ae.CHUNKS)]
+    assert max(ends) == slots  # what comes after, the resumed run writes itself
+
+
 @slow
 def test_a_wrapped_ring_keeps_the_chunks_its_kept_checkpoints_need(tmp_path, wrapped_ring, capsys):
     a, found, chunks = wrapped_ring
@@ -1924,6 +1980,15 @@ def test_a_closed_console_leaves_the_run_going_and_its_folder_whole(tmp_path, st
     run.stdout.close()  # as `| head -1` does
     assert run.wait(timeout=300) == 0 and run.stderr.read() == ""
     assert_same_run(out, state_reference)
+
+
+def test_config_json_records_the_device_resolved_and_the_package_versions(tmp_path, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    out = tiny_run(tmp_path / "run", obs="state", total_steps=100, device="auto")
+    config = json.loads((out / "config.json").read_text())
+    assert (config["device"], config["device_resolved"]) == ("auto", "cpu")
+    assert set(config["versions"]) == {"torch", "numpy", "dm_control", "mujoco"}
+    assert config["versions"]["torch"] == torch.__version__
 
 
 def test_main_gives_back_the_signal_handlers_it_took(tmp_path):
@@ -2260,6 +2325,8 @@ def test_linear_probe_counts_the_bias_skips_constant_dimensions_and_scores_held_
     # held-out frames' own mean, the fitted half's mean explains far less than nothing.
     shifted = rng.standard_normal((2000, 3)) + 3 * (np.arange(2000) >= 1000)[:, None]
     assert sac_ae.linear_probe(rng.standard_normal((2000, 10)), shifted, groups)["probe_r2"] < -5
+    offset = latents @ rng.standard_normal((10, 3)) + 5  # far from 0: only the bias column fits it
+    assert sac_ae.linear_probe(latents, offset, groups)["probe_r2"] > 0.99
 
 
 def test_reconstruction_image_puts_the_stacked_frames_above_their_reconstructions():
@@ -2269,6 +2336,9 @@ def test_reconstruction_image_puts_the_stacked_frames_above_their_reconstruction
     assert picture.shape == (32, 60, 3) and picture.dtype == np.uint8
     assert np.array_equal(picture[:16, 20:40], obs[3:6].transpose(1, 2, 0))
     assert np.array_equal(picture[16:], picture[:16])
+    beyond = np.where(np.arange(20) % 2, 1.0, -1.0) * np.ones((9, 16, 20), np.float32)
+    below = sac_ae.reconstruction_image(obs, beyond)[16:]  # the decoder's output is unbounded
+    assert np.array_equal(below[0, :2, 0], [0, 255]) and set(np.unique(below)) == {0, 255}
 
 
 # ------------------------------------------------------------------------- --benchmark, --compile
@@ -2287,7 +2357,9 @@ def test_benchmark_prints_the_final_line(capsys):
     assert float(fields["ms_per_update"]) > 0 and float(fields["env_steps_per_s"]) > 0
     ms, per_s = float(fields["ms_per_update"]), float(fields["updates_per_s"])
     assert per_s == pytest.approx(1000 / ms, rel=1e-3)
-    assert int(fields["replay_bytes_per_transition"]) > 3 * 32 * 32
+    # 3,088 bytes a slot (a 32 x 32 frame, action, reward, not-done); 1,264 slots hold 1,250
+    # transitions, their 10 episodes' first frames and 4 to spare.
+    assert int(fields["replay_bytes_per_transition"]) == round(3088 * 1264 / 1250)
     assert (fields["device"], fields["precision"]) == ("cpu", "fp32")
 
 

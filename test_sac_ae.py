@@ -297,6 +297,33 @@ def test_agent_uses_the_stated_optimizers_temperature_and_target_entropy():
 
 
 # ---------------------------------------------------------------------------- environment
+class Graphed(sac_ae.SACAE):
+    """An agent that takes itself for one replayed from CUDA graphs (--compile on a GPU)."""
+
+    cuda_graphs = True
+
+
+@pytest.mark.parametrize("decoder", ["pixel", "vae"])
+def test_each_optimizer_moves_the_parameters_its_loss_owns(decoder):
+    agent, _ = make_agent("--decoder", decoder)
+
+    def ids(params):
+        return sorted(id(p) for p in params)
+
+    encoder, head = [*agent.encoder.parameters()], [*agent.critic.head.parameters()]
+    posterior = [*agent.critic.log_var.parameters()] if decoder == "vae" else []
+    owned = {"critic_opt": encoder + [*agent.critic.parameters()],  # the log_var too, unused
+             "actor_opt": [*agent.actor.parameters()],  # its own head, never the convs
+             "log_alpha_opt": [agent.log_alpha],
+             "encoder_opt": encoder + head + posterior,  # the AE step moves the critic's head
+             "decoder_opt": [*agent.decoder.parameters()]}  # fmt: skip
+    for name, opt in agent.optimizers().items():
+        assert ids(p for g in opt.param_groups for p in g["params"]) == ids(owned[name]), name
+        assert (opt.defaults["fused"], opt.defaults["capturable"]) == (True, False), name
+    graphed, _ = make_agent("--decoder", decoder, cls=Graphed)  # a CUDA graph needs capturable
+    assert all(opt.defaults["capturable"] for opt in graphed.optimizers().values())
+
+
 @pytest.mark.parametrize("domain,task,repeat", [("cheetah", "run", 4), ("cartpole", "swingup", 8)])
 def test_pixel_observation_is_stacked_uint8_channels_first(domain, task, repeat):
     env = sac_ae.DMCEnv(domain, task, seed=0, action_repeat=repeat)
@@ -553,6 +580,29 @@ def test_network_shapes(size):
         assert agent.encoder.repr_dim == h.shape[1] == 32 * 35 * 35
 
 
+def test_each_conv_and_deconv_but_the_last_and_the_decoders_fc_are_followed_by_a_relu():
+    agent, args = make_agent()
+    assert [type(m) for m in agent.encoder.convs] == [torch.nn.Conv2d, torch.nn.ReLU] * 4
+    deconvs = [type(m) for m in agent.decoder.deconvs]
+    assert deconvs == [torch.nn.ConvTranspose2d, torch.nn.ReLU] * 3 + [torch.nn.ConvTranspose2d]
+    with torch.no_grad():  # fc's output all -1: after its ReLU, the deconvs read zeros
+        agent.decoder.fc.weight.zero_(), agent.decoder.fc.bias.fill_(-1.0)
+        side = agent.decoder.side
+        zeros = torch.zeros(2, args.num_filters, side, side)
+        assert torch.equal(agent.decoder(torch.randn(2, 8)), agent.decoder.deconvs(zeros))
+
+
+def test_the_probe_reads_the_critics_latent():
+    agent, args = make_agent()
+    obs = random_batch(agent, args, batch=1)[0]
+    with torch.no_grad():
+        critic, actor = (
+            head(features(agent, obs))[0] for head in (agent.critic.head, agent.actor.head)
+        )
+    assert not torch.allclose(critic, actor)
+    np.testing.assert_allclose(agent.latent(obs[0].numpy()), critic.numpy(), rtol=1e-5, atol=1e-6)
+
+
 def test_actor_and_critic_read_one_encoder_each_with_its_own_head():
     agent, _ = make_agent()
     assert agent.actor.head is not agent.critic.head
@@ -750,6 +800,19 @@ def test_temperature_rises_when_entropy_is_below_target_and_falls_above(log_std,
     below = metrics["entropy"].item() < agent.target_entropy
     assert below == (direction > 0)
     assert (agent.log_alpha.item() - before) * direction > 0
+
+
+def test_the_squashed_gaussians_log_probability_is_the_change_of_variables_with_1e_6():
+    mu = torch.tensor([[0.3, -1.2, 20.0]], dtype=torch.float64)  # the last saturates: tanh = 1
+    log_std = torch.tensor([[-0.5, 0.2, -3.0]], dtype=torch.float64)
+    torch.manual_seed(0)
+    action, log_prob = sac_ae.sample_action(mu, log_std)
+    torch.manual_seed(0)
+    u = mu + torch.randn_like(mu) * log_std.exp()  # the same draw
+    gaussian = torch.distributions.Normal(mu, log_std.exp()).log_prob(u).sum()
+    squash = torch.log(torch.clamp(1 - torch.tanh(u) ** 2, min=0) + 1e-6).sum()
+    assert torch.equal(action, torch.tanh(u)) and action[0, 2] == 1
+    assert log_prob.item() == pytest.approx((gaussian - squash).item(), abs=1e-9)
 
 
 def test_evaluation_acts_with_tanh_of_the_mean():
@@ -1282,6 +1345,17 @@ def test_the_edges_of_each_checked_range_are_accepted(tmp_path, monkeypatch):
     assert args.seed == 2**32 - 1 - sac_ae.EVAL_SEED_OFFSET  # the evaluation's seed fits too
     assert (args.image_size, args.decoder_latent_lambda) == (15, 0)
     assert args.load_encoder == str(tmp_path / "enc")
+
+
+def test_main_filters_mujocos_deprecation_lines_from_absl_and_keeps_the_rest(capsys):
+    assert exit_code(["--domain", "chetah"]) == 2
+
+    def record(text):
+        return logging.LogRecord("absl", logging.WARNING, __file__, 1, text, None, None)
+
+    absl = logging.getLogger("absl")
+    assert not absl.filter(record("'settotalmass' is deprecated"))
+    assert absl.filter(record("MuJoCo version mismatch"))
 
 
 def test_bad_input_from_the_shell_has_no_traceback(tmp_path):
@@ -2225,6 +2299,19 @@ def test_vae_encoder_learns_the_posterior_variance_through_the_kl(monkeypatch):
     assert not same(before, agent.encoder.parameters())
 
 
+def test_vae_kl_reaches_the_critics_head_through_the_mean_too(monkeypatch):
+    agent, args = make_agent("--decoder", "vae")
+    seen, kl = [], sac_ae.kl_to_standard_normal
+
+    def spied(mu, log_var):
+        seen.append((mu.grad_fn is not None, log_var.grad_fn is not None))
+        return kl(mu, log_var)
+
+    monkeypatch.setattr(sac_ae, "kl_to_standard_normal", spied)
+    agent.update(random_batch(agent, args), 1)
+    assert seen == [(True, True)]  # Eq. 4's KL pulls the posterior's mean to 0, not only its var
+
+
 def test_separate_ae_grad_critic_leaves_encoder_and_decoder_moves_it():
     agent, args = make_agent("--ae-grad", "separate", action_dim=1)
     batch = real_batch(args)
@@ -2668,6 +2755,18 @@ def test_captured_step_protocol_with_cuda_faked(monkeypatch, capsys):
             for _ in range(5):
                 steps[1](base, base)
             assert "capture" not in log[8:] and steps[1].graph is None
+
+
+def test_compiled_variants_share_one_graph_pool_capture_stream_and_failure_flag(monkeypatch):
+    agent, _ = make_agent(cls=Graphed)
+    monkeypatch.setattr(torch, "compile", lambda fn: fn)
+    monkeypatch.setattr(torch.cuda, "graph_pool_handle", object)
+    monkeypatch.setattr(torch.cuda, "Stream", lambda device: object())
+    for do_actor in (True, False):
+        sac_ae.compiled_step(agent, dict(do_actor=do_actor, do_targets=True, do_ae=True))
+    first, second = agent.compiled.values()
+    assert isinstance(first, sac_ae.CapturedStep) and first.graphs is second.graphs
+    assert set(first.graphs) == {"pool", "stream", "failed"} and not first.graphs["failed"]
 
 
 class CompiledWithoutGraphs(sac_ae.SACAE):

@@ -273,6 +273,9 @@ def test_every_paper_hyperparameter_is_the_default_readme_states():
         assert getattr(args, name) == value, f"--{name} defaults to {getattr(args, name)}"
     # Resolved from others: a checkpoint at each evaluation, a burst as long as --init-steps.
     assert (args.checkpoint_freq, args.init_updates) == (10_000, 1000)
+    moved = sac_ae.parse_args(["--eval-freq", "5000", "--init-steps", "300", "--seed", "7"])
+    assert (moved.checkpoint_freq, moved.init_updates) == (5000, 300)  # they follow, not fixed
+    assert re.fullmatch(r"runs/cheetah-run-s7-\d{8}-\d{6}", moved.out_dir), moved.out_dir
     edge = sac_ae.parse_args(["--gamma", "0", "--critic-tau", "0", "--actor-beta", "0"])
     assert (edge.gamma, edge.critic_tau, edge.actor_beta) == (0, 0, 0)  # in range, if odd
 
@@ -1292,6 +1295,7 @@ def test_the_evaluation_environment_is_seeded_apart_from_the_training_one(tmp_pa
         (["--seed", "4294957296"], "--seed: must be an integer in [0, 2^32 - 10001]"),
         (["--ae-bits", "9"], "--ae-bits"),
         (["--freeze-encoder"], "--freeze-encoder needs --load-encoder"),
+        (["--obs", "state", "--freeze-encoder"], "--load-encoder needs --obs pixels"),
         (["--resume", "runs/x", "--benchmark"], "--benchmark cannot be given with --resume"),
         (["--resume", ""], "--resume is empty"),
         (["--decoder", "none", "--ae-grad", "separate"], "--ae-grad separate"),
@@ -1610,7 +1614,13 @@ def test_plot_refuses_other_flags_an_empty_csv_and_titles_by_folder_without_conf
         capsys
     )
     csv_path.write_text("env_step,episode_return_mean,episode_return_std\n0,1,0\n10,5,1\n")
-    for extra in (["--benchmark"], ["--resume", "runs/x"], ["--total-steps", "5"], ["--seed", "2"]):
+    for extra in (
+        ["--benchmark"],
+        ["--resume", "runs/x"],
+        ["--total-steps", "5"],
+        ["--seed", "2"],
+        ["--out-dir", str(tmp_path / "out")],
+    ):
         assert exit_code(["--plot", str(csv_path), *extra]) == 2
         assert "no effect: --plot only draws" in one_line_error(capsys)
     (tmp_path / "config.json").write_text("{bad")
@@ -1692,6 +1702,13 @@ def test_resume_extends_a_finished_run_to_the_same_files_as_one_run(tmp_path):
     # Its replay ring grew with the run (50 -> 75 agent steps), and the episode that the first
     # run's end cut is logged whole: the same run as one of 600 steps, row for row.
     assert_same_run(out, whole)
+
+
+@slow
+def test_a_total_that_the_last_agent_step_overshot_is_accepted_on_resume(tmp_path, state_reference):
+    out = shutil.copytree(state_reference, tmp_path / "run")  # at env step 600, 75 steps of 8
+    resume(out, "--total-steps", "596")  # a 596-step run ends at 600 too
+    assert_same_run(out, state_reference)
 
 
 @slow
@@ -1799,6 +1816,7 @@ def test_a_checkpoint_at_an_evaluation_step_holds_that_evaluation(
     resume(out)
     printed = capsys.readouterr().out
     assert "[resume] ckpt_0000000400" in printed  # evaluated, then checkpointed: not done again
+    assert "of the burst to go" not in printed  # the one update of this agent step is no burst
     assert "[eval] env_step 400 " not in printed and "[eval] env_step 600 " in printed
     assert_same_run(out, state_reference)
 
@@ -2137,6 +2155,26 @@ def test_each_fault_outside_a_run_has_its_line_and_exit_status(fault, code, need
     line, got = sac_ae.explain(fault, None)
     assert got == code and (line is None) == (needle is None)
     assert needle is None or needle in line, line
+
+
+def test_a_fault_in_a_run_names_its_newest_checkpoint_or_that_no_folder_was_made(tmp_path):
+    args = sac_ae.parse_args([*STATE_RUN, "--out-dir", str(tmp_path / "run")])
+    assert sac_ae.explain(KeyboardInterrupt(), args) == ("interrupted; nothing was written", 130)
+    (tmp_path / "run" / "checkpoints").mkdir(parents=True)
+    line, _ = sac_ae.explain(KeyboardInterrupt(), args)
+    assert f"no checkpoint was written: remove {tmp_path / 'run'} and start again" in line
+    for name in ("ckpt_0000000200_000000000026.pt", "ckpt_0000000400_000000000051.pt"):
+        (tmp_path / "run" / "checkpoints" / name).write_bytes(b"")
+    line, _ = sac_ae.explain(KeyboardInterrupt(), args)
+    assert "the last checkpoint " + str(tmp_path / "run" / "checkpoints" / name) in line
+
+
+def test_a_file_that_cannot_be_opened_reads_as_not_a_complete_zip(tmp_path):
+    with pytest.raises(ValueError, match="not a complete zip file"):
+        sac_ae.read_file(str(tmp_path))  # a folder: IsADirectoryError, an OSError
+    (tmp_path / "ckpt.pt").write_bytes(b"PK")
+    with pytest.raises(ValueError, match="not a complete zip file"):
+        sac_ae.read_file(str(tmp_path / "ckpt.pt"))
 
 
 def test_a_full_disk_while_model_pt_is_written_says_resume_writes_it_again(tmp_path):
